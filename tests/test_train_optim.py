@@ -24,6 +24,30 @@ def test_weight_decay_on_matrices_and_embeddings_only():
     assert opt.defaults.get("fused") or opt.defaults.get("foreach")
 
 
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = GPT(ModelConfig(vocab_size=50, n_layer=2, d_model=16, n_head=2, context_length=8, tie_embeddings=False))
+    opt = build_optimizer(model, TrainConfig(optimizer="muon", lr=0.01), torch.device("cpu"))
+    adamw, muon = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in in_muon) == (name.startswith("blocks.") and p.dim() == 2), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+    # it trains, and its state survives a state_dict round trip into a fresh optimizer
+    x = torch.randint(0, 50, (4, 8))
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    again = build_optimizer(model, TrainConfig(optimizer="muon", lr=0.01), torch.device("cpu"))
+    again.load_state_dict(opt.state_dict())
+    p = model.blocks[0].attn.proj.weight
+    assert torch.equal(again.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
 def lr(schedule, step, progress, **kw):
     return learning_rate(TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule=schedule, **kw), step, progress)
 

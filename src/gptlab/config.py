@@ -212,7 +212,8 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     max_time: float | None = Field(None, gt=0)  # seconds
-    optimizer: Literal["adamw"] = "adamw"
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW on the rest
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"

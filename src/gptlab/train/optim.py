@@ -1,4 +1,4 @@
-"""AdamW with nanoGPT's parameter groups, and the learning-rate schedules."""
+"""The optimizers (AdamW with nanoGPT's parameter groups; Muon + AdamW) and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -10,19 +10,63 @@ import torch
 from gptlab.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """Weight decay on matrices and embeddings (dim >= 2), none on norms' gains and biases (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW, or Muon for the blocks' matrices with AdamW for the rest (cfg.optimizer).
+
+    Weight decay goes on matrices and embeddings (dim >= 2), none on norms'
+    gains and biases (nanoGPT). Muon orthogonalises each update of a hidden
+    matrix (Newton-Schulz); embeddings, the output head, gains and biases are
+    not hidden matrices and stay with AdamW (modded-nanogpt). Muon's updates are
+    scaled to AdamW's RMS, so train.lr and train.weight_decay mean the same for both.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    chosen = {id(p) for p in muon}
+    rest = [p for _, p in named if id(p) not in chosen]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
     # One fused kernel per step where PyTorch has it (CUDA, and CPU since 2.4); foreach elsewhere.
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device.type in ("cuda", "cpu")
     kernel = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(
+    adamw = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kernel
     )
+    if not muon:
+        return adamw
+    return Optimizers(adamw, torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                                              adjust_lr_fn="match_rms_adamw"))
+
+
+class Optimizers:
+    """Several optimizers that step, zero and checkpoint as one (what the trainer and GradScaler need of one)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.optimizers for p, s in o.state.items()}
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
 
 
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
