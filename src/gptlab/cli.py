@@ -553,6 +553,49 @@ def _plot(args, overrides) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+
+
+def _add_bench_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="measure what this machine can do (the peak that MFU is measured against)")
+    bsub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
+    p = _parser(
+        bsub,
+        "peak",
+        "dense matmul speed in fp32, bf16 and fp16 through PyTorch; cached as the MFU peak of `gptlab train`",
+        """
+        gptlab bench peak
+        gptlab bench peak --seconds 20 --out peak.json
+        gptlab bench peak --device cuda --threads 1
+        """,
+        description="Times square matmuls of a few sizes per dtype and keeps the best: the honest ceiling for a "
+        "training step on this machine. Prints the CPU's instruction sets (AVX2, AVX-512, AVX-512-BF16, AMX: "
+        "they decide whether bf16 is faster or much slower than fp32). Each dtype's peak is cached per device "
+        "and thread count in ~/.cache/gptlab/peak.json ($GPTLAB_CACHE_DIR overrides the folder); training "
+        "reports MFU against it (known GPUs in bf16/fp16: against the datasheet, as is customary).",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default auto")
+    p.add_argument("--seconds", type=float, default=6.0, metavar="S", help="measuring time in all (default 6)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default 0 = every core)")
+    p.add_argument("--out", "-o", metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=_bench_peak)
+
+
+def _bench_peak(args, overrides) -> int:
+    from gptlab.files import atomic_write_json
+    from gptlab.train.bench import format_peak, peak
+    from gptlab.train.device import pick_device
+
+    if not args.seconds > 0 or args.threads < 0:
+        raise GptlabError(f"--seconds={args.seconds} --threads={args.threads}", "use --seconds > 0 and --threads >= 0")
+    result = peak(pick_device(args.device), args.seconds, args.threads)
+    print(format_peak(result))
+    if args.out:
+        atomic_write_json(args.out, result)
+        print(f"wrote {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -658,6 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_train_commands(sub)
     _add_evaluate_commands(sub)
+    _add_bench_commands(sub)
     _add_export_commands(sub)
     return parser
 

@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import platform
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from gptlab.data.prepare import cpu_count
 from gptlab.errors import GptlabError
+from gptlab.files import atomic_write_json
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,37 +106,125 @@ def pick_compile(requested, device: torch.device, planned_seconds: float | None)
 
 # --------------------------------------------------------------------------- peak FLOP/s (MFU)
 
-# Dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts); fp32 runs use the measured path.
+# Dense bf16/fp16 tensor-core peaks from the datasheets (SXM parts): on a GPU, MFU is conventionally quoted
+# against these (nanoGPT, PaLM); everything else -- fp32 anywhere, every CPU -- is measured here.
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
                   "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12}
 
+# Square matmul sizes measured; the best of them is the peak. Small sizes show where a CPU runs out of
+# work per thread; large ones reach the kernel's steady speed.
+PEAK_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (2048, 4096, 8192)}
+
+
+def cache_dir() -> Path:
+    """Where gptlab keeps per-machine measurements: $GPTLAB_CACHE_DIR, else ~/.cache/gptlab."""
+    return Path(os.environ.get("GPTLAB_CACHE_DIR") or Path.home() / ".cache" / "gptlab")
+
+
+@functools.cache
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_features() -> dict[str, bool]:
+    """The instruction sets that decide CPU matmul speed, as PyTorch itself detects them."""
+    checks = {"AVX2": "_is_avx2_supported", "AVX512": "_is_avx512_supported", "AVX512_VNNI": "_is_vnni_supported",
+              "AVX512_BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported", "AMX_FP16": "_is_amx_fp16_supported"}
+    return {name: bool(getattr(torch.cpu, fn, lambda: False)()) for name, fn in checks.items()}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
+    return device.type
+
 
 def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.2) -> float:
+    """FLOP/s of an n x n x n matmul: repeated for `seconds` after one untimed warm-up."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up
+    a @ b  # warm-up: first-call allocation and kernel selection are not the steady speed
     sync()
     reps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or reps < 3:
+    while (elapsed := time.perf_counter() - start) < seconds or reps < 1:
         a @ b
         reps += 1
         sync()
     return 2 * n**3 * reps / elapsed
 
 
-@functools.cache
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s that MFU is measured against.
+def measure_matmul(device: torch.device, dtype: torch.dtype, seconds: float = 1.0,
+                   sizes: tuple[int, ...] | None = None) -> dict[int, float]:
+    """{size: FLOP/s} for square matmuls, `seconds` shared between the sizes.
 
-    A datasheet figure for known GPUs in bf16/fp16; otherwise the speed of a
-    large dense matmul measured here (~0.2 s), which is the honest ceiling for a
-    CPU. `gptlab bench peak` (issue 5) may replace this; train.peak_flops overrides it.
+    A size whose single matmul would take longer than its share (bf16 emulated on an AVX2 CPU runs at
+    ~1 GFLOP/s: one 2048^3 product is 15 s) is skipped rather than allowed to stall the caller.
     """
+    sizes = sizes or PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"])
+    share = seconds / len(sizes)
+    results: dict[int, float] = {}
+    for n in sorted(sizes):
+        if results and 2 * n**3 / max(results.values()) > share:
+            break
+        results[n] = _matmul_flops(device, dtype, n, share)
+    return results
+
+
+def _cache_key(device: torch.device, dtype: torch.dtype) -> str:
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    return f"{device_name(device)}|{str(dtype).removeprefix('torch.')}|threads={threads}"
+
+
+def read_peak_cache() -> dict:
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads((cache_dir() / "peak.json").read_text())
+        if isinstance(cached, dict):
+            return cached
+    return {}  # missing or unreadable: measure again (the file is only a cache)
+
+
+def store_peak(device: torch.device, dtype: torch.dtype, flops: float, sizes: dict[int, float]) -> float:
+    """Cache a measured peak; returns the peak now cached: the higher of this and any earlier measurement,
+    since other work on the machine only ever slows a measurement down."""
+    cache = read_peak_cache()
+    key = _cache_key(device, dtype)
+    if cache.get(key, {}).get("flops", 0) >= flops:
+        return float(cache[key]["flops"])
+    cache[key] = {"flops": flops, "sizes": {str(n): f for n, f in sizes.items()},
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with contextlib.suppress(OSError):  # a read-only home must not stop training
+        atomic_write_json(cache_dir() / "peak.json", cache)
+    return flops
+
+
+def datasheet_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     if device.type == "cuda" and dtype != torch.float32:
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops
-    n = 2048 if device.type == "cuda" else 1024
-    return _matmul_flops(device, dtype, n)
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """FLOP/s that MFU is measured against.
+
+    A known GPU's datasheet figure in bf16/fp16; otherwise the best dense matmul
+    that `gptlab bench peak` measured on this device, dtype and thread count,
+    cached in cache_dir()/peak.json -- measured now (~`seconds`) if it is not
+    there yet. train.peak_flops overrides it.
+    """
+    if (flops := datasheet_flops(device, dtype)) is not None:
+        return flops
+    cached = read_peak_cache().get(_cache_key(device, dtype))
+    if cached and cached.get("flops", 0) > 0:
+        return float(cached["flops"])
+    sizes = measure_matmul(device, dtype, seconds)
+    return store_peak(device, dtype, max(sizes.values()), sizes)
