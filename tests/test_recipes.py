@@ -23,6 +23,8 @@ EXPECTED = {
     "smollgpt.toml": (125e6, 140e6),
     "gpt2.5.toml": (120e6, 130e6),
     "fineweb-edu.toml": (30e6, 50e6),
+    "speedrun_cpu.toml": (0.5e6, 10e6),
+    "speedrun_nanogpt_char.toml": (0.7e6, 1.4e6),  # 0.8M with its ~100 characters; counted here at 4,096
 }
 # Shrinks any recipe to seconds on a CPU: a 1-layer, 32-wide model, two steps, fp32, eager.
 SMALL = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.n_kv_head=1", "--model.head_size=16",
@@ -86,3 +88,15 @@ def test_aurelius_recipe_runs_on_meditations(shared_data, tmp_path, monkeypatch)
 
     tok = load_tokenizer(tmp_path / "run" / "tokenizer.json")
     assert tok.vocab_size == 2000 and {"<BEGIN>", "<END>", "<PAD>"} <= set(tok.special_tokens)
+
+
+def test_speedrun_recipe_lays_training_text_out_as_the_score_file_is():
+    """Raw-txt (single newlines, <|endoftext|> lines) becomes paragraphs and stories separated by blank lines."""
+    from gptlab.text import Normalizer
+
+    cfg = load_config(REPO / "recipes" / "speedrun_cpu.toml")
+    raw = "Tom ran.\nHe fell.\n<|endoftext|>\nSue sang.\n\nShe smiled.\n<|endoftext|>\n"
+    assert Normalizer(cfg.text)(raw) == "Tom ran.\n\nHe fell.\n\nSue sang.\n\nShe smiled.\n\n"
+    score = Path(cfg.eval.data[0])
+    assert score.name == "TinyStories-valid_hf_head.txt"
+    assert all(Path(s.path).name != score.name for s in cfg.data.sources)

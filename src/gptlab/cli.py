@@ -685,6 +685,38 @@ def _import_hf(args, overrides) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- speedrun
+
+
+def _add_speedrun_commands(sub) -> None:
+    p = _parser(
+        sub,
+        "speedrun",
+        "train from scratch for a fixed wall-clock budget and score bits per byte on held-out text",
+        """
+        gptlab speedrun                                         # recipes/speedrun_cpu.toml: 10 minutes of TinyStories
+        gptlab speedrun --train.max_time=120 --train.run_dir=runs/sr-quick
+        gptlab speedrun recipes/speedrun_nanogpt_char.toml      # nanoGPT's CPU recipe, the baseline
+        gptlab speedrun --train.optimizer=adamw --train.run_dir=runs/sr-adamw
+        """,
+        description="Tokenizer and data preparation are timed but not counted; the budget is train.max_time "
+                    "seconds of training; the score is bits per byte of eval.data[0] (the whole file, every byte "
+                    "counted once). Writes RUN/speedrun.json and prints a leaderboard row for benchmarks/SPEEDRUN.md.",
+    )
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="a speedrun recipe TOML (default recipes/speedrun_cpu.toml)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress output; print the result only")
+    p.set_defaults(func=_speedrun)
+
+
+def _speedrun(args, overrides) -> int:
+    from gptlab.speedrun import load_speedrun_config, report, speedrun
+
+    result = speedrun(load_speedrun_config(args.recipe or args.config, overrides), progress=not args.quiet)
+    if args.quiet:
+        print(report(result))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -702,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_commands(sub)
     _add_evaluate_commands(sub)
     _add_bench_commands(sub)
+    _add_speedrun_commands(sub)
     _add_export_commands(sub)
     return parser
 
