@@ -307,18 +307,25 @@ def _add_train_commands(sub) -> None:
         gptlab train --resume runs/tiny                           # continue exactly where it stopped
         gptlab train --resume runs/tiny --train.max_steps=4000    # ... for longer
         gptlab train --data-dir data/new --run runs/tiny-ft --train.init_from=runs/tiny --train.lr=3e-4
+        gptlab train --nproc 2 --config recipes/aurelius.toml     # 2 processes (DDP), torchrun launched for you
+        torchrun --nproc_per_node 8 -m gptlab train -c recipes/gpt2.5.toml -r runs/gpt2.5 --distributed fsdp
         """,
         description="Train cfg.model on the shards in train.data_dir, writing train.run_dir: config.toml, "
         "tokenizer.json, metrics.csv, loss.png/lr.png (redrawn at every evaluation), samples.md and "
         "checkpoints/ (the last train.keep_last plus the best). The run stops at the first of train.max_steps, "
         "train.max_tokens and train.max_time (seconds). Ctrl-C or SIGTERM saves a checkpoint first; "
         "--resume continues with the same batches and RNG draws. train.init_from starts a new run from a "
-        "trained model's weights (new data or hyper-parameters, fresh optimizer).",
+        "trained model's weights (new data or hyper-parameters, fresh optimizer). Launched by torchrun, each "
+        "process trains its share of every batch (train.distributed: ddp or fsdp; the global batch stays "
+        "train.batch_size rows); under torchrun write -r DIR, not --run DIR, which torchrun's own options shadow.",
     )
     p.add_argument("--data-dir", "-d", metavar="DIR", help="prepared data from `gptlab data prepare` (train.data_dir)")
     p.add_argument("--run", "-r", metavar="DIR", help="run directory to write (train.run_dir)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint, with its config.toml (overrides apply on top)")
     p.add_argument("--quiet", "-q", action="store_true", help="no start-up line, progress bar or evaluation lines")
+    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: launches torchrun "
+                   "(python -m torch.distributed.run --standalone) with these arguments")
+    p.add_argument("--distributed", choices=["ddp", "fsdp"], help="how several processes share the model (train.distributed; default ddp)")
     p.set_defaults(func=_train)
 
     p = _parser(
@@ -381,20 +388,55 @@ def _add_train_commands(sub) -> None:
 
 
 def _train(args, overrides) -> int:
+    from gptlab.train import train
+
+    if args.nproc is not None:
+        return _launch_torchrun(args, overrides)
+    cfg = _train_config(args, overrides)
+    summary = train(cfg, resume=bool(args.resume), verbose=not args.quiet)
+    return 130 if summary["stopped"] == "interrupted" else 0
+
+
+def _train_flags(args) -> list[str]:
+    """--data-dir, --run and --distributed as the overrides they stand for."""
     import json
 
-    from gptlab.train import resume_config, train
-
     flags = [f"--train.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []
+    flags += [f"--train.run_dir={json.dumps(args.run)}"] if args.run else []
+    return flags + ([f"--train.distributed={args.distributed}"] if args.distributed else [])
+
+
+def _train_config(args, overrides) -> Config:
+    from gptlab.train import resume_config
+
     if args.resume:
         if args.config or args.run:
             raise GptlabError("--resume continues a run with its own config.toml", "drop --config/--run; change settings with overrides such as --train.max_steps=4000")
-        cfg = resume_config(args.resume, flags + overrides)
-    else:
-        flags += [f"--train.run_dir={json.dumps(args.run)}"] if args.run else []
-        cfg = _config(args, flags + overrides)
-    summary = train(cfg, resume=bool(args.resume), verbose=not args.quiet)
-    return 130 if summary["stopped"] == "interrupted" else 0
+        return resume_config(args.resume, _train_flags(args) + overrides)
+    return _config(args, _train_flags(args) + overrides)
+
+
+def _launch_torchrun(args, overrides: list[str]) -> int:
+    """`gptlab train --nproc N ...`: the same command under torchrun, N processes on this machine."""
+    import signal
+    import subprocess
+
+    from gptlab.train.distributed import check_config, launched_by_torchrun, torchrun_command
+
+    if args.nproc < 1:
+        raise GptlabError(f"--nproc {args.nproc} is not a number of processes", "give --nproc 1 or more")
+    if launched_by_torchrun():
+        raise GptlabError("--nproc launches torchrun, and this process already runs under torchrun", "drop --nproc")
+    check_config(_train_config(args, overrides).train, args.nproc)  # once here, rather than once per process
+    # --run and --data-dir travel as overrides: torchrun's own parser takes --run for its --run-path.
+    argv = ["train", *(["--config", args.config] if args.config else []), *(["--resume", args.resume] if args.resume else []),
+            *(["--quiet"] if args.quiet else []), *(["--debug"] if args.debug else []), *_train_flags(args), *overrides]
+    # Ctrl-C reaches torchrun and its workers from the terminal; this process only waits for them to save and stop.
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        return subprocess.call(torchrun_command(args.nproc, argv))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _sample(args, overrides) -> int:

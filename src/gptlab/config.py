@@ -239,7 +239,10 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1)  # checkpoints kept besides the best
     log: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
     loader: Literal["random", "sequential"] = "random"  # random windows (nanoGPT) or shuffled epochs
-    peak_flops: float | None = Field(None, gt=0)  # FLOP/s that MFU is measured against; None: measured
+    peak_flops: float | None = Field(None, gt=0)  # FLOP/s of one process's device that MFU is measured against; None: measured
+    # Under torchrun (several processes): ddp = a whole model per process, fsdp = each process holds a shard.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    dist_timeout: float = Field(600.0, gt=0)  # seconds a process waits for the others before it gives up
 
 
 # --------------------------------------------------------------------------- sample

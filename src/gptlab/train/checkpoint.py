@@ -11,6 +11,18 @@
 A checkpoint is written into a hidden temporary folder and renamed into place,
 so a folder named step_* is always complete. The last `keep_last` and the best
 are kept; older ones are deleted only after a newer one is complete.
+
+A run of several processes (distributed.py) writes the same folder, but its
+model and optimizer state go into a torch.distributed.checkpoint folder, each
+rank writing its own shards (in the background where it can), and state.pt has
+no optimizer:
+
+        dcp/                {"model": ..., "optimizer": ...} keyed by parameter name, sharded as trained
+        model.safetensors   the whole model, gathered on rank 0: sampling, eval and export read it as usual
+
+DCP reshards on load, so such a checkpoint resumes on any number of processes,
+under DDP or FSDP, or in a single process; a single-process checkpoint resumes
+under either too (its optimizer state is mapped to parameter names).
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import json
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +47,7 @@ BEST = "best.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 INFO = "checkpoint.json"
+SHARDED = "dcp"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -60,6 +74,101 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# --------------------------------------------------------------------------- several processes (torch.distributed.checkpoint)
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (checkpoint / SHARDED).is_dir()
+
+
+def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    return list(getattr(optimizer, "optimizers", [optimizer]))  # train.optim.Optimizers holds several
+
+
+class ShardedSave:
+    """A distributed checkpoint being written; finish() waits for every rank's shards and renames it into place."""
+
+    def __init__(self, tmp: Path, final: Path, future, main: bool):
+        self.tmp, self.final, self.future, self.main = tmp, final, future, main
+
+    def finish(self) -> Path:
+        import torch.distributed as dist
+
+        if self.future is not None:
+            self.future.result()
+        dist.barrier()  # every rank's shards are on disk
+        if self.main:
+            self.tmp.rename(self.final)
+        dist.barrier()  # and every rank sees the complete folder before going on
+        return self.final
+
+
+def save_sharded(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer, state: dict, info: dict,
+                 weights: list[str], main: bool, group=None, background: bool = True) -> ShardedSave:
+    """Start writing a checkpoint from every rank; call .finish() on the result (all ranks) to complete it.
+
+    `model` is what the ranks train (a DDP wrapper or an FSDP-sharded module), `weights` the parameter
+    names model.safetensors keeps (a tied matrix once). Rank 0 (`main`) writes model.safetensors, state.pt
+    and checkpoint.json; the shards go through dcp.async_save on `group` when `background`, else dcp.save.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step_{step:07d}"
+    tmp = root / f".{final.name}.tmp"  # one name all ranks know; a leftover from a crash is replaced
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SHARDED).mkdir(parents=True)
+        save_file({k: full[k].contiguous() for k in weights}, str(tmp / WEIGHTS),
+                  metadata={"gptlab_model_config": json.dumps(info["model"])})
+        torch.save(state, tmp / STATE)
+        atomic_write_json(tmp / INFO, info)
+    del full
+    dist.barrier()  # the folder exists before any rank writes into it
+    model_state, optimizer_state = get_state_dict(model, _optimizers(optimizer))
+    shards = {"model": model_state, "optimizer": optimizer_state}
+    if background:  # copies the state to CPU memory now, writes it while training goes on
+        future = dcp.async_save(shards, checkpoint_id=tmp / SHARDED, process_group=group)
+    else:
+        dcp.save(shards, checkpoint_id=tmp / SHARDED, process_group=group)
+        future = None
+    return ShardedSave(tmp, final, future, main)
+
+
+def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizer) -> None:
+    """Model and optimizer state from a checkpoint's dcp/ folder, resharded for however `model` is spread now."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizers = _optimizers(optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizers)  # the layout wanted, filled in by load
+    shards = {"model": model_state, "optimizer": optimizer_state}
+    alone = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # loading without a process group is what we mean; DCP warns all the same
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(shards, checkpoint_id=checkpoint / SHARDED, no_dist=alone)
+    set_state_dict(model, optimizers, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"])
+
+
+def load_full_optimizer(model: torch.nn.Module, optimizer, saved: dict) -> None:
+    """A single-process checkpoint's optimizer state (torch's own, keyed by position) into an optimizer
+    over sharded parameters: keyed by parameter name, then split by set_optimizer_state_dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    optimizers = _optimizers(optimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    merged: dict = {"state": {}, "param_groups": []}
+    for opt, state in zip(optimizers, saved.get("optimizers", [saved]), strict=True):
+        order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+        merged["state"].update({order[i]: s for i, s in state["state"].items()})
+        merged["param_groups"] += [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    set_optimizer_state_dict(model, optimizers, merged, options=StateDictOptions(full_state_dict=True))
 
 
 def mark_best(run_dir: str | Path, checkpoint: Path, val_loss: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -16,6 +17,11 @@ class TrainStep:
     Returns the mean loss and the gradient norm as tensors on the device: the
     caller decides when to pay for a host sync (`.item()`), normally only at
     log steps.
+
+    `model` may be a DistributedDataParallel wrapper: its gradients are then
+    averaged over the ranks once, in the last micro-step's backward (no_sync
+    on the others). An FSDP2 model reduce-scatters every micro-step instead, so
+    that gradients stay sharded; the norm is then a DTensor over all shards.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -30,17 +36,21 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        for _ in range(grad_accum):
+        no_sync = getattr(self.model, "no_sync", None)  # DDP
+        for i in range(grad_accum):
             x, y = next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with autocast(self.device, self.precision):
-                _, loss = self.forward(x, y)
-            loss = loss / grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with no_sync() if no_sync and i < grad_accum - 1 else contextlib.nullcontext():
+                with autocast(self.device, self.precision):
+                    _, loss = self.forward(x, y)
+                loss = loss / grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
+            grad_norm = grad_norm.full_tensor()
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
             self.scaler.update()

@@ -13,6 +13,12 @@ Host syncs (`.item()`) happen only at log, evaluation and checkpoint steps; in
 between, the loss and gradient norm stay on the device. A loss that becomes
 NaN/inf is therefore caught at the next of those steps, before any checkpoint
 is written, so the last checkpoint on disk is always a good one.
+
+Under torchrun (distributed.py) every rank runs this same loop on its slice of
+each batch. Everything that decides what happens next -- the loss logged, the
+validation loss, stopping on a limit or a signal -- is agreed between the ranks,
+so they always take the same branch and meet at the same collectives; only rank
+0 prints and writes the run directory's files.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ import torch
 from tqdm.auto import tqdm
 
 from gptlab.config import Config, ModelConfig, config_to_dict, load_config, save_config
+from gptlab.data.prepare import cpu_count
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json
 from gptlab.train import checkpoint as ckpt
+from gptlab.train import distributed
 from gptlab.train.device import (
     DTYPES, autocast, peak_flops, pick_compile, pick_device, pick_precision, set_threads,
 )
@@ -53,10 +61,23 @@ def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] |
     resume=True continues the run in cfg.train.run_dir from its last checkpoint,
     exactly: the same batches, RNG draws and optimizer state as if it had never
     stopped. `on_step(step)` is called after every optimizer step.
+
+    Launched by torchrun, this process is one rank of a distributed run (see
+    distributed.py); when torchrun restarts the workers after a failure
+    (--max-restarts), the run resumes from its last checkpoint by itself.
     """
-    threads = torch.get_num_threads()
+    threads, trainer = torch.get_num_threads(), None
     try:
-        return Trainer(cfg, resume, verbose).run(on_step)
+        with distributed.process_group(cfg.train) as dist:
+            if dist and dist.restart and not resume and ckpt.checkpoint_dirs(cfg.train.run_dir):
+                resume = True
+            try:
+                trainer = Trainer(cfg, resume, verbose, dist)
+                return trainer.run(on_step)
+            except (RuntimeError, torch.distributed.DistError) as e:
+                if dist and distributed.is_comm_error(e):
+                    raise distributed.lost_contact(e, dist, trainer.step if trainer else 0, cfg.train.dist_timeout) from e
+                raise
     finally:
         torch.set_num_threads(threads)  # train.threads applies to the run, not to the rest of the process
 
@@ -76,13 +97,15 @@ class Diverged(Exception):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool, verbose: bool):
+    def __init__(self, cfg: Config, resume: bool, verbose: bool, dist: distributed.Dist | None = None):
         from gptlab.data import check_tokenizer, load_meta
         from gptlab.tokenizer import load_tokenizer
 
         cfg = cfg.model_copy(deep=True)  # model.vocab_size gets filled in; the caller's config stays as it was
         t = cfg.train
-        self.cfg, self.verbose = cfg, verbose
+        self.dist, self.main = dist, dist is None or dist.main  # main: the process that prints and writes files
+        self.world = dist.world_size if dist else 1
+        self.cfg, self.verbose = cfg, verbose and self.main
         self.run_dir, self.data_dir = Path(t.run_dir), Path(t.data_dir)
         resume_from = self._resume_checkpoint() if resume else self._check_fresh_run_dir()
         if not any((t.max_steps, t.max_tokens, t.max_time)):
@@ -98,40 +121,63 @@ class Trainer:
         self._check_splits()
 
         # ---- the machine
-        self.device = pick_device(t.device)
-        self.threads = set_threads(t.threads)
+        self.device = dist.device if dist else pick_device(t.device)
+        if dist and self.device.type == "cpu" and not t.threads:  # the cores are shared by the node's processes
+            self.threads = set_threads(max(1, cpu_count() // dist.local_world_size))
+        else:
+            self.threads = set_threads(t.threads)
         self.precision = pick_precision(t.precision, self.device)
-        _seed_everything(t.seed)
+        if dist:
+            distributed.check_config(t, self.world, self.precision)
+        _seed_everything(t.seed)  # the same on every rank: FSDP relies on every rank building the same weights
 
         # ---- model, optimizer, data
         from gptlab.data import BatchLoader
         from gptlab.model import build_model
 
         self.model = build_model(cfg.model).to(self.device)
+        # Weights from a single-process checkpoint go in before the model is spread over the ranks.
+        weights_from = init_from or (resume_from if resume_from and not ckpt.is_sharded(resume_from) else None)
+        if weights_from:
+            ckpt.load_weights(self.model, weights_from)
+        self.weight_names = list(ckpt.unique_tensors(self.model))  # what model.safetensors keeps
+        self.flops_per_token = self.model.flops_per_token()
+        # self.model is the GPT (sharded in place under FSDP); self.wrapped is what the training step runs.
+        self.wrapped = distributed.wrap(self.model, dist, self.precision) if dist else self.model
         self.optimizer = build_optimizer(self.model, t, self.device)
-        self.loader = BatchLoader(self.data_dir, "train", batch_size=t.batch_size, seq_len=cfg.model.context_length,
-                                  seed=t.seed, mode=t.loader)
+        # Each rank draws its slice of every global batch of t.batch_size rows.
+        self.loader = BatchLoader(self.data_dir, "train", batch_size=t.batch_size // self.world,
+                                  seq_len=cfg.model.context_length, seed=t.seed, mode=t.loader,
+                                  rank=dist.rank if dist else 0, world_size=self.world)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length
         self.step = self.tokens = 0
         self.elapsed = 0.0  # seconds spent training (evaluation, sampling and checkpoints not counted)
         self.best_val_loss, self.evals_since_best = math.inf, 0
         self.last_checkpoint: Path | None = None
-        if init_from:
-            ckpt.load_weights(self.model, init_from)
+        self._saving: tuple[ckpt.ShardedSave, float | None] | None = None  # a distributed checkpoint being written
         scaler_state = self._load_state(resume_from) if resume_from else None
 
-        self.flops_per_token = self.model.flops_per_token()
-        self.peak = t.peak_flops or peak_flops(self.device, DTYPES[self.precision])
-        self.compile = pick_compile(t.compile, self.device, self.expected_seconds())
-        self.train_step = TrainStep(self.model, self.optimizer, self.device, self.precision, t.grad_clip, self.compile)
+        # MFU is measured against every device's peak; rank 0 measures it and decides compile for all.
+        peak = t.peak_flops or (peak_flops(self.device, DTYPES[self.precision]) if self.main else 0.0)
+        self.peak = (distributed.from_main(peak) if dist else peak) * self.world
+        if dist and self.device.type == "cpu" and t.compile == "auto":
+            self.compile = False  # torch.compile under gloo buys little on a CPU for its warm-up
+        else:
+            self.compile = pick_compile(t.compile, self.device, self.expected_seconds())
+        if dist:
+            self.compile = distributed.from_main(self.compile)
+        self.train_step = TrainStep(self.wrapped, self.optimizer, self.device, self.precision, t.grad_clip, self.compile)
         if scaler_state and self.train_step.scaler:
             self.train_step.scaler.load_state_dict(scaler_state)
 
-        # ---- the run directory
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.toml")
-        self.tokenizer.save(self.run_dir / "tokenizer.json")
-        self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
+        # ---- the run directory (rank 0 writes it; every rank must see it: a shared filesystem across nodes)
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+            self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
+        else:
+            self.metrics = _Rows()
         self.stop_signal: str | None = None
 
     # ------------------------------------------------------------------ checks before anything runs
@@ -199,20 +245,30 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def _state(self) -> dict:
-        return {
+        state = {
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.train_step.scaler.state_dict() if self.train_step.scaler else {},
             "loader": self.loader.state_dict(), "rng": ckpt.rng_state(),
             "best_val_loss": self.best_val_loss, "evals_since_best": self.evals_since_best,
         }
+        if not self.dist:  # distributed runs keep the optimizer in the checkpoint's dcp/ shards
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
     def _load_state(self, checkpoint: Path) -> dict:
-        """Weights, optimizer, loader, RNGs and counters from a checkpoint; returns the fp16 scaler's state."""
-        ckpt.load_weights(self.model, checkpoint)
+        """Weights, optimizer, loader, RNGs and counters from a checkpoint; returns the fp16 scaler's state.
+
+        Every rank loads the same state.pt (rank 0's RNGs and counters); the model and optimizer come from
+        the dcp/ shards of a distributed checkpoint, or from a single-process one's files.
+        """
         state = ckpt.load_state(checkpoint, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
+        if ckpt.is_sharded(checkpoint):
+            ckpt.load_sharded(checkpoint, self.wrapped, self.optimizer)
+        elif self.dist and self.dist.mode == "fsdp":  # the weights went in before sharding; now the optimizer
+            ckpt.load_full_optimizer(self.model, self.optimizer, state["optimizer"])
+        else:  # one process, or DDP: every rank holds the parameters the optimizer state was saved for
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(_loader_state_for(state["loader"], self.loader))
         ckpt.set_rng_state(state["rng"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         self.best_val_loss, self.evals_since_best = state["best_val_loss"], state["evals_since_best"]
@@ -220,13 +276,31 @@ class Trainer:
         return state["scaler"]
 
     def save_checkpoint(self, val_loss: float | None) -> Path:
+        """Write a checkpoint of this step. Distributed, it is finished (renamed into place) when the next
+        one starts or the run ends, so the shards are written while training goes on."""
+        self._finish_checkpoint()
         info = {"step": self.step, "tokens": self.tokens, "val_loss": val_loss,
                 "model": config_to_dict(self.cfg.model), "tokenizer_checksum": self.tokenizer.checksum,
                 "data_fingerprint": _data_fingerprint(self.meta)}
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self._state(), info)
-        if val_loss is not None and val_loss <= self.best_val_loss:
-            ckpt.mark_best(self.run_dir, path, val_loss)
-        ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
+        best = val_loss if val_loss is not None and val_loss <= self.best_val_loss else None
+        if not self.dist:
+            return self._checkpoint_done(ckpt.save_checkpoint(self.run_dir, self.step, self.model, self._state(), info), best)
+        saving = ckpt.save_sharded(self.run_dir, self.step, self.wrapped, self.optimizer, self._state(), info,
+                                   self.weight_names, self.main, self.dist.checkpoint_group)
+        self._saving = (saving, best)
+        return saving.final
+
+    def _finish_checkpoint(self) -> None:
+        if self._saving:
+            saving, best = self._saving
+            self._saving = None
+            self._checkpoint_done(saving.finish(), best)
+
+    def _checkpoint_done(self, path: Path, best: float | None) -> Path:
+        if self.main:
+            if best is not None:
+                ckpt.mark_best(self.run_dir, path, best)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.train.keep_last)
         self.last_checkpoint = path
         return path
 
@@ -250,10 +324,11 @@ class Trainer:
             with self._stop_on_signals():
                 stopped = None
                 while not stopped:
-                    stopped = self._limit_reached() or ("interrupted" if self.stop_signal else None)
+                    elapsed = self._agree_elapsed_and_signals()
+                    stopped = self._limit_reached(elapsed) or ("interrupted" if self.stop_signal else None)
                     if stopped:
                         break
-                    lr = learning_rate(t, self.step, self._progress())
+                    lr = learning_rate(t, self.step, self._progress(elapsed))
                     self._interval.add(*self.train_step(self.loader.next_batch, t.grad_accum, lr), lr)
                     self.step += 1
                     self.tokens += self.tokens_per_step
@@ -271,9 +346,12 @@ class Trainer:
                 # The final state: log what is not logged yet, evaluate it (unless stopping on a signal), keep it.
                 if self._interval.steps:
                     self._log(evaluate=stopped != "interrupted", checkpoint=True)
-                elif self.last_checkpoint is None or _step_of(self.last_checkpoint) != self.step:
-                    self._tick()
-                    self.save_checkpoint(None)
+                else:
+                    self._finish_checkpoint()
+                    if self.last_checkpoint is None or _step_of(self.last_checkpoint) != self.step:
+                        self._tick()
+                        self.save_checkpoint(None)
+                self._finish_checkpoint()
         except Diverged as e:
             good = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
             raise GptlabError(f"training diverged: {e}; {good}",
@@ -286,6 +364,8 @@ class Trainer:
     def _log(self, evaluate: bool, checkpoint: bool = False) -> None:
         """A metrics row for the steps since the last one (a host sync); when evaluating, also validate and checkpoint."""
         self._tick()
+        if self.dist:  # the loss logged is the mean over every rank's rows (the gradient norm is global already)
+            self._interval.loss = distributed.sum_(self._interval.loss) / self.world
         row = self._interval.row(self)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}", refresh=False)
         self._interval = Interval(self.device, self.tokens, self.elapsed)
@@ -302,25 +382,38 @@ class Trainer:
         self.metrics.log(row)
         if evaluate or checkpoint:
             self.save_checkpoint(result["loss"] if result else None)
-            self.metrics.plot(self.run_dir)
+            if self.main:
+                self.metrics.plot(self.run_dir)
         self._clock = time.perf_counter()  # evaluation and checkpointing are not training time
 
-    def _limit_reached(self) -> str | None:
+    def _agree_elapsed_and_signals(self) -> float:
+        """The training time the limits and the schedule go by. Distributed, the ranks agree on it (the
+        slowest rank's) and on a stop signal any of them received: one tiny CPU all-reduce a step, so that
+        all ranks stop at the same step and use the same learning rate."""
+        elapsed = self._elapsed_now()
+        if not self.dist:
+            return elapsed
+        elapsed, signum = distributed.agree(elapsed, signal.Signals[self.stop_signal].value if self.stop_signal else 0)
+        if signum and not self.stop_signal:
+            self.stop_signal = signal.Signals(int(signum)).name
+        return elapsed
+
+    def _limit_reached(self, elapsed: float | None = None) -> str | None:
         t = self.cfg.train
         if t.max_steps and self.step >= t.max_steps:
             return "max_steps"
         if t.max_tokens and self.tokens >= t.max_tokens:
             return "max_tokens"
-        if t.max_time and self._elapsed_now() >= t.max_time:
+        if t.max_time and (self._elapsed_now() if elapsed is None else elapsed) >= t.max_time:
             return "max_time"
         return None
 
-    def _progress(self) -> float:
+    def _progress(self, elapsed: float | None = None) -> float:
         """The fraction of the budget spent: the largest over the limits that are set."""
         t = self.cfg.train
         fractions = [self.step / t.max_steps if t.max_steps else 0.0,
                      self.tokens / t.max_tokens if t.max_tokens else 0.0,
-                     self._elapsed_now() / t.max_time if t.max_time else 0.0]
+                     (self._elapsed_now() if elapsed is None else elapsed) / t.max_time if t.max_time else 0.0]
         return max(fractions)
 
     def _elapsed_now(self) -> float:
@@ -334,27 +427,57 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
-        """Validation loss over train.eval_batches consecutive windows (None: the whole split)."""
-        from gptlab.data import iter_eval_batches
+        """Validation loss over train.eval_batches batches of consecutive windows (None: the whole split).
 
+        Distributed, each rank scores its share of the same windows and the sums are all-reduced, so the
+        loss is the single-process one, on every rank.
+        """
         if not self.has_val:
             return None
-        t = self.cfg.train
         self.model.eval()
         total, count = torch.zeros((), device=self.device), 0
-        for x, y in iter_eval_batches(self.data_dir, "val", t.batch_size, self.cfg.model.context_length, t.eval_batches):
+        for x, y in self._eval_batches():
             with autocast(self.device, self.precision):
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-            total += loss.float() * y.numel()
-            count += y.numel()
+                _, loss = self.model(x.to(self.device), None if y is None else y.to(self.device))
+            if y is not None:
+                total += loss.float() * y.numel()
+                count += y.numel()
         self.model.train()
-        loss = (total / count).item()
+        if self.dist:
+            loss_sum, count = distributed.sum_(torch.tensor([total.item(), count], dtype=torch.float64)).tolist()
+            loss = loss_sum / count
+        else:
+            loss = (total / count).item()
         if not math.isfinite(loss):
             raise Diverged(f"the validation loss is {loss} at step {self.step}")
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if self.val_bytes_per_token:
             result["bpb"] = loss / (math.log(2) * self.val_bytes_per_token)
         return result
+
+    def _eval_batches(self):
+        """This rank's validation batches. Under FSDP every rank must run as many forward passes as the others
+        (each gathers weights from all), so a rank that runs out repeats its last batch with no weight."""
+        from gptlab.data import iter_eval_batches
+        from gptlab.data.loader import TokenSplit
+
+        t, T = self.cfg.train, self.cfg.model.context_length
+        size, rank = t.batch_size // self.world, self.dist.rank if self.dist else 0
+        batches = iter_eval_batches(self.data_dir, "val", size, T, t.eval_batches, rank, self.world)
+        if not (self.dist and self.dist.mode == "fsdp"):
+            yield from batches
+            return
+        total = math.ceil(((len(TokenSplit(self.data_dir, "val")) - 1) // T) / size)
+        if t.eval_batches:
+            total = min(total, t.eval_batches * self.world)
+        x = torch.zeros((1, T), dtype=torch.long)
+        for _ in range(math.ceil(total / self.world)):
+            batch = next(batches, None)
+            if batch is None:
+                yield x, None  # a forward pass that is not scored
+            else:
+                x = batch[0]
+                yield batch
 
     def _sample(self) -> None:
         from gptlab.generate import generate
@@ -363,13 +486,33 @@ class Trainer:
         t = self.cfg.train
         sample_cfg = self.cfg.sample.model_copy(update={"prompts": [t.sample_prompt], "max_new_tokens": t.sample_tokens,
                                                         "num_samples": 1})
-        self.model.eval()
+        model = self._whole_model()
+        if model is None:  # not rank 0: nothing to write
+            self._clock = time.perf_counter()
+            return
+        model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            text = generate(self.model, self.tokenizer, [t.sample_prompt], sample_cfg)[0]
-        self.model.train()
+            text = generate(model, self.tokenizer, [t.sample_prompt], sample_cfg)[0]
+        model.train()
         append_sample(self.run_dir, self.step, t.sample_prompt, text)
         self._print(f"step {self.step} sample: {(t.sample_prompt + text)[:200]!r}")
         self._clock = time.perf_counter()
+
+    def _whole_model(self) -> torch.nn.Module | None:
+        """The model with all its weights, on rank 0 (None elsewhere). Under FSDP it is gathered into a copy
+        (a collective: every rank calls this)."""
+        if not (self.dist and self.dist.mode == "fsdp"):
+            return self.model if self.main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from gptlab.model import build_model
+
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.main:
+            return None
+        model = build_model(self.cfg.model).to(self.device)
+        model.load_weights(full)
+        return model
 
     def _finish(self, stopped: str) -> dict:
         rows = [r for r in self.metrics.rows if r.get("loss") not in ("", None)]
@@ -384,7 +527,10 @@ class Trainer:
             "best_checkpoint": str(best) if best else None,
             "device": self.device.type, "precision": self.precision, "compile": self.compile,
         }
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.dist:
+            summary.update(processes=self.world, distributed=self.dist.mode)
+        if self.main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         how = {"interrupted": f"interrupted by {self.stop_signal}; resume with: gptlab train --resume {self.run_dir}",
                "early_stop": f"stopped early: no better validation loss in {self.cfg.train.early_stop_patience} evaluations"}
         self._print(how.get(stopped, f"done ({stopped})") + f"; {self.step} steps, {self.tokens:,} tokens in {self.elapsed:.0f} s"
@@ -400,10 +546,16 @@ class Trainer:
             yield
             return
 
+        first: list[float] = []
+
         def request_stop(signum, frame):
-            if self.stop_signal:
+            # Under torchrun a Ctrl-C arrives twice within moments (from the terminal, then relayed by the
+            # agent): only a second signal more than a second later means "stop at once".
+            if self.stop_signal and not (self.dist and time.monotonic() - first[0] < 1.0):
                 raise KeyboardInterrupt
-            self.stop_signal = signal.Signals(signum).name
+            if not self.stop_signal:
+                self.stop_signal = signal.Signals(signum).name
+                first.append(time.monotonic())
 
         previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -426,6 +578,7 @@ class Trainer:
         parts = [
             f"{self.device.type}" + (f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else ""),
             f"{self.threads} threads", self.precision, f"compile {'on' if self.compile else 'off'}",
+            *([f"{self.world} processes ({self.dist.mode})"] if self.dist else []),
             f"{self.model.num_params() / 1e6:.2f}M parameters ({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)",
             f"{self.tokens_per_step:,} tokens/step",
         ]
@@ -471,6 +624,27 @@ class Interval:
         tok_s = (trainer.tokens - self.tokens) / max(trainer.elapsed - self.elapsed, 1e-9)
         return {"step": trainer.step, "tokens": trainer.tokens, "loss": loss, "lr": self.lr, "grad_norm": norm,
                 "tokens_per_s": tok_s, "mfu": tok_s * trainer.flops_per_token / trainer.peak, "elapsed": trainer.elapsed}
+
+
+class _Rows:
+    """What ranks other than 0 keep of the metrics: the rows, in memory (rank 0 writes the files)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def close(self) -> None:
+        pass
+
+
+def _loader_state_for(state: dict, loader) -> dict:
+    """A saved loader state as this run's loader would have written it: a run resumed on another number
+    of processes draws the same global batches when batch_size x world_size is the same."""
+    if state.get("batch_size", 0) * state.get("world_size", 0) == loader.batch_size * loader.world_size:
+        return {**state, "batch_size": loader.batch_size, "world_size": loader.world_size}
+    return state
 
 
 def _step_of(checkpoint: Path) -> int:

@@ -1,0 +1,254 @@
+"""Distributed training under torchrun on CPU (gloo): DDP and FSDP2 against one process, checkpoints across
+world sizes, two "nodes" on localhost, a killed worker restarted, a hung rank timing out.
+
+Every run is launched the way users launch it -- `python -m torch.distributed.run ... -m gptlab train` or
+`gptlab train --nproc 2` -- with a tiny model and one thread a process. A run of 2 processes x batch B must
+train exactly as 1 process x batch 2B: the ranks draw slices of the same global batches.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from gptlab.cli import main
+from gptlab.config import load_config
+from gptlab.errors import GptlabError
+from gptlab.train import load_run, train
+from gptlab.train.checkpoint import checkpoint_dirs
+from gptlab.train.distributed import check_config, torchrun_command
+
+STEPS = 20
+
+
+def settings(data_dir, *extra) -> list[str]:
+    """A 2-layer, 32-wide GPT on the tiny shards; 2 rows a rank a micro-step, 2 micro-steps (no_sync once)."""
+    return [
+        f"--train.data_dir={json.dumps(str(data_dir))}", "--model.n_layer=2", "--model.d_model=32", "--model.n_head=2",
+        "--model.context_length=32", "--train.batch_size=4", "--train.grad_accum=2", f"--train.max_steps={STEPS}",
+        "--train.eval_every=10", "--train.eval_batches=3", "--train.log_every=1", "--train.warmup_steps=2",
+        "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.precision=fp32", "--train.compile=false",
+        "--train.peak_flops=1e11", "--train.threads=1", "--train.keep_last=2", *extra,
+    ]
+
+
+def torchrun(args: list[str], nproc: int = 2, launcher: tuple[str, ...] = ("--standalone",)) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", "gptlab", "train", *args]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} from metrics.csv."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r[key]}
+
+
+def assert_same_curve(run_dir: Path, reference: Path) -> None:
+    got, want = losses(run_dir), losses(reference)
+    with open(run_dir / "metrics.csv") as f:
+        assert len(f.readlines()) == 1 + STEPS  # one row a step: only rank 0 writes metrics.csv
+    assert list(got) == list(want) == list(range(1, STEPS + 1))
+    assert list(got.values()) == pytest.approx(list(want.values()), abs=1e-5)
+    # Validation batches have other shapes (rows per rank), so sums round differently; metrics.csv keeps 6 digits.
+    got, want = losses(run_dir, "val_loss"), losses(reference, "val_loss")
+    assert [got[step] for step in want] == pytest.approx(list(want.values()), abs=2e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_shards, tmp_path_factory):
+    """runs(name) -> the run directory of one of the reference runs, trained once for the module."""
+    root = tmp_path_factory.mktemp("distributed")
+
+    @functools.cache
+    def get(name: str) -> Path:
+        out = root / name
+        if name == "single":  # 1 process x batch 4: the reference
+            threads = torch.get_num_threads()
+            train(load_config(None, settings(tiny_shards, f"--train.run_dir={json.dumps(str(out))}")), verbose=False)
+            torch.set_num_threads(threads)
+        elif name == "ddp":  # the shortcut: gptlab train --nproc 2 (DDP by default), 2 processes x 2 rows
+            run([sys.executable, "-m", "gptlab", "train", "--nproc", "2", "--run", str(out), *settings(tiny_shards)])
+        elif name == "fsdp":
+            run(torchrun(["-r", str(out), "--distributed", "fsdp", *settings(tiny_shards)]))
+        return out
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_exactly_as_one_with_the_global_batch(runs, mode):
+    single, spread = runs("single"), runs(mode)
+    assert_same_curve(spread, single)
+
+    summary = json.loads((spread / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["processes"] == 2 and summary["distributed"] == mode
+    assert summary["tokens"] == json.loads((single / "summary.json").read_text())["tokens"]  # the same global batch
+
+    # Sharded checkpoints, each with the whole model in one safetensors file that load_run reads as usual.
+    last = checkpoint_dirs(spread)[-1]
+    assert last.name == f"step_{STEPS:07d}" and (last / "dcp" / ".metadata").is_file()
+    assert "optimizer" not in torch.load(last / "state.pt", weights_only=True)  # it is in the shards
+    assert not list((spread / "checkpoints").glob(".*"))  # no temporary folder left
+    got, _, _ = load_run(spread, "last")
+    want, _, _ = load_run(single, "last")
+    for name, tensor in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, resumed", [("fsdp", "ddp"), ("fsdp", "single"), ("single", "fsdp")])
+def test_a_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path, saved, resumed):
+    """Saved at step 10 by one layout, resumed by another: steps 11-20 are the uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs(saved), run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS:07d}")
+    if resumed == "single":
+        train(load_config(run_dir / "config.toml"), resume=True, verbose=False)
+    else:
+        run(torchrun(["--resume", str(run_dir), "--distributed", resumed, "-q"]))
+    assert_same_curve(run_dir, runs("single"))
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_meet_through_the_c10d_rendezvous(runs, tiny_shards, tmp_path):
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    launcher = ("--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=localhost:{port}", "--rdzv-id=two-nodes")
+    cmd = torchrun(["-r", str(tmp_path / "run"), *settings(tiny_shards)], nproc=1, launcher=launcher)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert_same_curve(tmp_path / "run", runs("single"))
+
+
+def _workers(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, psutil.Process]:
+    """The processes torchrun started, by rank."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = {}
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except psutil.Error:
+                continue
+            if rank is not None and "gptlab" in " ".join(child.cmdline()):
+                found[int(rank)] = child
+        if len(found) == 2:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("torchrun's workers did not start")
+
+
+def _wait_for(predicate, launcher: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_resumes_from_its_last_checkpoint(runs, tiny_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = torchrun(["-r", str(run_dir), *settings(tiny_shards, "--train.eval_every=2")], launcher=("--standalone", "--max-restarts=1"))
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        workers = _workers(launcher)
+        _wait_for(lambda: (run_dir / "checkpoints" / "step_0000004").is_dir(), launcher)
+        workers[0].suspend()  # hold the run where it is (before it can finish) while rank 1 dies
+        workers[1].kill()
+        workers[0].resume()
+        output = launcher.communicate(timeout=240)[0]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, output[-3000:]
+    assert "resuming at step" in output  # the restarted workers continued the run instead of starting over
+    assert_same_curve(run_dir, runs("single"))
+
+
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_others_stop_with_a_clear_message_within_the_timeout(tiny_shards, tmp_path):
+    timeout = 4
+    cmd = torchrun(["-r", str(tmp_path / "run"), *settings(tiny_shards, "--train.max_steps=100000", "--train.eval_every=5",
+                                                            f"--train.dist_timeout={timeout}")])
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        workers = _workers(launcher)
+        _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "step_0000005").is_dir(), launcher)
+        workers[1].suspend()  # alive but silent: rank 0's next collective has no partner
+        hung_at = time.monotonic()
+        workers[0].wait(timeout=timeout + 60)
+        waited = time.monotonic() - hung_at
+        workers[1].kill()
+        output = launcher.communicate(timeout=120)[0]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert timeout - 1 <= waited < timeout + 30
+    assert "gptlab: error: rank 0 of 2 lost contact with the others" in output, output[-3000:]
+    assert f"train.dist_timeout={timeout}" in output
+
+
+# --------------------------------------------------------------------------- settings checked before launching
+
+
+@pytest.mark.parametrize("override, world, message", [
+    ("--train.batch_size=5", 2, "train.batch_size=5 does not split over 2 processes"),
+    ("--train.optimizer=muon", 2, "train.optimizer=muon cannot run under train.distributed=fsdp"),
+])
+def test_settings_that_cannot_be_spread_are_one_line_errors(override, world, message):
+    cfg = load_config(None, ["--train.distributed=fsdp", "--train.batch_size=4", override])
+    with pytest.raises(GptlabError, match=message):
+        check_config(cfg.train, world)
+    check_config(load_config(None, ["--train.distributed=ddp", "--train.optimizer=muon"]).train, 2)  # Muon is fine with DDP
+    with pytest.raises(GptlabError, match="fp16 is not supported with train.distributed=fsdp"):
+        check_config(load_config(None, ["--train.distributed=fsdp"]).train, 2, "fp16")
+
+
+def test_nproc_checks_the_settings_before_launching_torchrun(tiny_shards, tmp_path, capsys, monkeypatch):
+    launched = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, **kw: launched.append(cmd) or 0)
+    args = ["train", "--nproc", "2", "--run", str(tmp_path / "run"), *settings(tiny_shards)]
+    assert main([*args, "--train.batch_size=3"]) == 2  # 3 rows do not split over 2 processes
+    assert "train.batch_size=3 does not split over 2 processes" in capsys.readouterr().err
+    assert main(["train", "--nproc", "0", *settings(tiny_shards)]) == 2
+    assert not launched
+
+    assert main([*args, "--distributed", "fsdp"]) == 0
+    cmd = launched[0]
+    assert cmd[:cmd.index("-m", 3)] == torchrun_command(2, [])[:-2]  # python -m torch.distributed.run --standalone ...
+    assert cmd[cmd.index("gptlab") + 1] == "train" and "--nproc" not in cmd
+    # --run becomes an override: torchrun's own parser would take --run for its --run-path
+    assert f"--train.run_dir={json.dumps(str(tmp_path / 'run'))}" in cmd and "--run" not in cmd
+    assert "--train.distributed=fsdp" in cmd
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(args) == 2
+    assert "already runs under torchrun" in capsys.readouterr().err
