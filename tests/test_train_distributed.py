@@ -35,13 +35,15 @@ STEPS = 20
 
 
 def settings(data_dir, *extra) -> list[str]:
-    """A 2-layer, 32-wide GPT on the tiny shards; 2 rows a rank a micro-step, 2 micro-steps (no_sync once)."""
+    """A 2-layer, 32-wide GPT on the tiny shards; 2 rows a rank a micro-step, 2 micro-steps (no_sync once);
+    a sample every 10 steps (FSDP gathers the whole model for it; sampling leaves the training RNG alone)."""
     return [
         f"--train.data_dir={json.dumps(str(data_dir))}", "--model.n_layer=2", "--model.d_model=32", "--model.n_head=2",
         "--model.context_length=32", "--train.batch_size=4", "--train.grad_accum=2", f"--train.max_steps={STEPS}",
         "--train.eval_every=10", "--train.eval_batches=3", "--train.log_every=1", "--train.warmup_steps=2",
         "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.precision=fp32", "--train.compile=false",
-        "--train.peak_flops=1e11", "--train.threads=1", "--train.keep_last=2", *extra,
+        "--train.peak_flops=1e11", "--train.threads=1", "--train.keep_last=2", "--train.sample_every=10",
+        "--train.sample_prompt=Once", "--train.sample_tokens=4", *extra,
     ]
 
 
@@ -108,6 +110,8 @@ def test_two_processes_train_exactly_as_one_with_the_global_batch(runs, mode):
     assert last.name == f"step_{STEPS:07d}" and (last / "dcp" / ".metadata").is_file()
     assert "optimizer" not in torch.load(last / "state.pt", weights_only=True)  # it is in the shards
     assert not list((spread / "checkpoints").glob(".*"))  # no temporary folder left
+    samples = (spread / "samples.md").read_text()
+    assert samples.count("## step") == 2 and "## step 20" in samples  # written once, by rank 0
     got, _, _ = load_run(spread, "last")
     want, _, _ = load_run(single, "last")
     for name, tensor in want.state_dict().items():

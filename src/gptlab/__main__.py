@@ -1,3 +1,6 @@
+"""`python -m gptlab ...`: the gptlab command; also how torchrun starts each process (`torchrun ... -m gptlab train ...`)."""
+
 from gptlab.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())
