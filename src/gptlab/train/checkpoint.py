@@ -119,10 +119,11 @@ def save_sharded(run_dir: str | Path, step: int, model: torch.nn.Module, optimiz
 
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:07d}"
-    tmp = root / f".{final.name}.tmp"  # one name all ranks know; a leftover from a crash is replaced
+    tmp = root / f".{final.name}.tmp"  # one name all ranks know
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
     if main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".step_*.tmp"):  # left by a run that died while saving
+            shutil.rmtree(stale, ignore_errors=True)
         (tmp / SHARDED).mkdir(parents=True)
         save_file({k: full[k].contiguous() for k in weights}, str(tmp / WEIGHTS),
                   metadata={"gptlab_model_config": json.dumps(info["model"])})

@@ -140,7 +140,10 @@ def wrap(model: torch.nn.Module, d: Dist, precision: str) -> torch.nn.Module:
         quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                  else {"broadcast_buffers": False})
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **quiet)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 kept FSDP2 under its first name
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
     # On GPUs, gather bf16 weights (half the traffic) and average gradients in fp32; the sharded master weights
     # and the optimizer stay fp32. On CPUs bf16 is slow unless native, and autocast already decides the compute.
