@@ -15,9 +15,11 @@ Rows:
                            compute with nothing exchanged
 
 The communication share of a step is 1 - t(no comm) / t(step): the time DDP's all-reduce (or FSDP's
-all-gathers and reduce-scatters, with their copies in and out of the shards) adds to the compute.
+all-gathers and reduce-scatters, with their copies in and out of the shards) adds to the compute. Rows
+are interleaved over rounds and each keeps its best round, since other work on the machine only ever
+slows a round down; a row slower than --row-seconds times fewer steps.
 
-    python benchmarks/distributed.py                       # both shapes (~3 minutes on 2 cores)
+    python benchmarks/distributed.py                       # both shapes (under 4 minutes on 2 busy cores)
     python benchmarks/distributed.py --shapes 4m --steps 3
 
 The last line is `RESULT shape=16m single_tok_s=... ddp_tok_s=... fsdp_tok_s=... ddp_vs_single=...
@@ -70,6 +72,15 @@ def batches(shape: dict, rows: int, seed: int) -> list[tuple[torch.Tensor, torch
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
+def warm_up(step, data, args, agree=lambda seconds: seconds) -> int:
+    """Untimed steps; returns how many steps a round times: --steps, fewer where the row is slow."""
+    start = time.perf_counter()
+    for i in range(args.warmup):
+        step(data[i % len(data)])[0].item()
+    pace = agree((time.perf_counter() - start) / max(args.warmup, 1))  # processes must time as many steps
+    return max(1, min(args.steps, int(args.row_seconds / args.rounds / pace)))
+
+
 def time_steps(step, data, steps: int, sync=lambda: None) -> float:
     """Seconds a step, over `steps` steps; `sync` lines the processes up before and after."""
     sync()
@@ -90,14 +101,12 @@ def worker(args) -> None:
             shape = SHAPES[name]
             data = batches(shape, BATCH // d.world_size, seed=d.rank)
             steps = {mode: make_step(shape, d, mode) for mode in MODES}
-            for step in steps.values():
-                for i in range(args.warmup):
-                    step(data[i % 2])
+            counts = {mode: warm_up(step, data, args, lambda s: distributed.agree(s)[0]) for mode, step in steps.items()}
             best = {mode: math.inf for mode in MODES}
             for _ in range(args.rounds):  # rows interleaved: a busy spell on the machine hits them all alike
                 for mode, step in steps.items():
                     # The slowest process sets the pace: take the largest time over the ranks.
-                    seconds = time_steps(step, data, args.steps, distributed.barrier)
+                    seconds = time_steps(step, data, counts[mode], distributed.barrier)
                     best[mode] = min(best[mode], distributed.agree(seconds)[0])
             times[name] = best
             del steps
@@ -111,7 +120,9 @@ def main() -> None:
     parser.add_argument("--shapes", default="4m,16m", help="comma-separated: " + ",".join(SHAPES))
     parser.add_argument("--steps", type=int, default=4, help="timed steps per row and round (default 4)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over the rows; each keeps its best (default 2)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    parser.add_argument("--row-seconds", type=float, default=20,
+                        help="timed seconds per row and shape, over all rounds: slow rows time fewer steps (default 20)")
     parser.add_argument("--out", help=argparse.SUPPRESS)  # the workers' results file
     args = parser.parse_args()
     if distributed.launched_by_torchrun():
@@ -122,7 +133,7 @@ def main() -> None:
         out = os.path.join(tmp, "times.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                f"--shapes={args.shapes}", f"--steps={args.steps}", f"--rounds={args.rounds}", f"--warmup={args.warmup}",
-               f"--out={out}"]
+               f"--row-seconds={args.row_seconds}", f"--out={out}"]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         with open(out) as f:
             spread = json.load(f)
@@ -132,12 +143,11 @@ def main() -> None:
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         step, data = make_step(shape, None, None), batches(shape, BATCH, seed=0)
-        for i in range(args.warmup):
-            step(data[i % 2])
-        single[name] = min(time_steps(step, data, args.steps) for _ in range(args.rounds))
+        count = warm_up(step, data, args)
+        single[name] = min(time_steps(step, data, count) for _ in range(args.rounds))
 
-    print(f"torch {torch.__version__}, CPU, gloo; global batch {BATCH} rows; best of {args.rounds} rounds of "
-          f"{args.steps} steps after {args.warmup} warm-up steps")
+    print(f"torch {torch.__version__}, CPU, gloo; global batch {BATCH} rows; best of {args.rounds} rounds of up to "
+          f"{args.steps} steps after {args.warmup} warm-up step(s)")
     header = f"{'shape':6} {'row':26} {'tokens/s':>10} {'ms/step':>9} {'vs 1 proc':>9} {'comm share':>10}"
     print(header)
     print("-" * len(header))
