@@ -90,3 +90,18 @@ def test_atomic_files_get_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_a_profile_lays_defaults_under_the_config_and_overrides_win(tmp_path):
+    from gptlab.config import PROFILES
+
+    cfg = load_config(None, ["--profile=cpu-fast"])
+    for key, value in PROFILES["cpu-fast"]["train"].items():
+        assert getattr(cfg.train, key) == value
+    toml = tmp_path / "c.toml"
+    toml.write_text('profile = "cpu-fast"\n[train]\nlr = 0.01\n')
+    cfg = load_config(toml, ["--train.schedule=cosine"])
+    assert cfg.train.lr == 0.01 and cfg.train.schedule == "cosine"  # the file, then the override, win
+    assert cfg.train.optimizer == PROFILES["cpu-fast"]["train"]["optimizer"]
+    with pytest.raises(GptlabError, match="unknown profile 'fastest'.*cpu-fast"):
+        load_config(None, ["--profile=fastest"])

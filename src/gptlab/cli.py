@@ -784,10 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
     overrides = []
     for arg in extra:
-        if arg.startswith("--") and "=" in arg and "." in arg.split("=", 1)[0]:
+        if arg.startswith("--") and "=" in arg and ("." in arg.split("=", 1)[0] or arg.startswith("--profile=")):
             overrides.append(arg)
         else:
-            parser.error(f"unrecognized argument {arg!r} (config overrides look like --section.key=value)")
+            parser.error(f"unrecognized argument {arg!r} (config overrides look like --section.key=value, or --profile=NAME)")
     return overrides
 
 

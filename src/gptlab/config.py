@@ -285,7 +285,17 @@ class EvalConfig(Section):
 # --------------------------------------------------------------------------- root
 
 
+# Named sets of defaults (`profile = "cpu-fast"` in a config, or --profile=cpu-fast), laid under the
+# config's own settings. cpu-fast: what won the 10-minute CPU speedrun (benchmarks/SPEEDRUN.md).
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "cpu-fast": {
+        "train": {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.3, "lr": 3e-3, "min_lr": 3e-4},
+    },
+}
+
+
 class Config(Section):
+    profile: str | None = None  # a set of defaults from PROFILES, e.g. "cpu-fast"; the file and overrides win
     text: TextConfig = TextConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
@@ -339,6 +349,19 @@ def _list_index(node: list, key: str, arg: str) -> int:
     return int(key)
 
 
+def _resolve_profile(raw: dict) -> dict:
+    """Lay the profile's settings under the config's own: what the file or an override sets wins."""
+    name = raw.get("profile")
+    if not name:
+        return raw
+    if name not in PROFILES:
+        raise GptlabError(f"unknown profile {name!r}", f"choose one of: {', '.join(sorted(PROFILES))}")
+    merged = {**raw}
+    for section, settings in PROFILES[name].items():
+        merged[section] = {**settings, **raw.get(section, {})}
+    return merged
+
+
 def _resolve_preset(raw: dict) -> dict:
     model = raw.get("model")
     if not isinstance(model, dict) or not model.get("preset"):
@@ -379,7 +402,7 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
 
 
 def config_from_dict(raw: dict) -> Config:
-    raw = _resolve_preset(raw)
+    raw = _resolve_preset(_resolve_profile(raw))
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
