@@ -1,4 +1,4 @@
-"""Training throughput (tokens/s) of gptlab against its own fp32 eager mode and Hugging Face Llama, in one run.
+"""Training throughput (tokens/s) and MFU of gptlab against nanoGPT's CPU recipe and Hugging Face Llama, in one run.
 
 Every row times the same training step on random tokens -- forward, backward,
 AdamW step -- after warm-up steps that are not timed (torch.compile compiles
@@ -12,6 +12,10 @@ Shapes (layers x width, context, batch, vocabulary):
 
 Rows:
     gptlab default       what `gptlab train` picks here for a long run (precision=auto, compile=auto)
+    nanogpt cpu recipe   nanoGPT's model.py rebuilt here (LayerNorm, learned positions, GELU MLP 4x, tied
+                         head, bias=False as in its train.py) with its CPU recipe's training step: fp32,
+                         no compile, AdamW(lr 1e-3, betas (0.9, 0.99), weight decay 0.1 on matrices, the
+                         default (unfused) CPU implementation), grad clip 1.0, loss.item() every step
     gptlab fp32 eager    precision=fp32, compile=false (nanoGPT's CPU recipe)
     gptlab fp32 compile  / gptlab bf16 eager: the two levers apart, to see which one pays on this machine
     hf llama bf16        transformers.LlamaForCausalLM of the same shape (SwiGLU sized to the same
@@ -20,10 +24,20 @@ Rows:
 
     python benchmarks/train_throughput.py                      # all shapes, all rows
     python benchmarks/train_throughput.py --shapes 4m --steps 5 --rounds 2
-    python benchmarks/train_throughput.py --rows default,fp32_eager,hf_llama_bf16
+    python benchmarks/train_throughput.py --rows default,nanogpt_cpu,hf_llama_fp32
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/train_throughput.py   # see the note on busy machines below
 
-The last line is `RESULT shape=4m gptlab_tok_s=... fp32_eager_tok_s=... hf_llama_bf16_tok_s=...
-vs_fp32_eager=... vs_hf_llama=...` (the first shape measured if 4m is not among them).
+MFU = model FLOPs per token (6 per weight of every matmul, the output head included, + 12 * layers *
+width * context for attention) x tokens/s / the peak of the row's dtype that `gptlab bench peak`
+measured on this machine (cached per device, dtype and thread count; measured now if not cached).
+
+On a machine where other processes are busy, OpenMP's default of spinning at every barrier can make
+2 threads several times slower than 1 (a waiting thread spins away the time slice its descheduled
+partner needs): the first line prints OMP_WAIT_POLICY; PASSIVE makes waiting threads sleep.
+
+The last line is `RESULT shape=4m gptlab_tok_s=... nanogpt_cpu_tok_s=... fp32_eager_tok_s=...
+hf_llama_bf16_tok_s=... vs_nanogpt_cpu=... vs_fp32_eager=... vs_hf_llama=... mfu=...` (the first shape
+measured if 4m is not among them; vs_hf_llama against the faster of the two Llama rows measured).
 """
 
 from __future__ import annotations
@@ -35,10 +49,14 @@ import tempfile
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from gptlab.config import ModelConfig, TrainConfig
 from gptlab.model import build_model
-from gptlab.train.device import autocast, can_compile, cpu_has_fast_bf16, pick_device, pick_precision, set_threads
+from gptlab.train.device import (
+    DTYPES, autocast, can_compile, cpu_has_fast_bf16, peak_flops, pick_device, pick_precision, set_threads,
+)
 from gptlab.train.optim import build_optimizer
 from gptlab.train.step import TrainStep
 
@@ -47,7 +65,7 @@ SHAPES = {
     "4m": dict(n_layer=4, d_model=256, n_head=4, context_length=256, batch=16, vocab=4096),
     "16m": dict(n_layer=8, d_model=384, n_head=6, context_length=256, batch=16, vocab=4096),
 }
-ROWS = ["default", "fp32_eager", "fp32_compile", "bf16_eager", "hf_llama_bf16", "hf_llama_fp32"]
+ROWS = ["default", "nanogpt_cpu", "fp32_eager", "fp32_compile", "bf16_eager", "hf_llama_bf16", "hf_llama_fp32"]
 
 
 def gptlab_step(shape: dict, device: torch.device, precision: str, compile: bool):
@@ -57,7 +75,89 @@ def gptlab_step(shape: dict, device: torch.device, precision: str, compile: bool
     train_cfg = TrainConfig(lr=1e-3)
     step = TrainStep(model, build_optimizer(model, train_cfg, device), device, precision, grad_clip=1.0, compile=compile)
     params = model.num_params()
-    return (lambda batch: step(lambda: batch, 1, 1e-3)), params
+    return (lambda batch: step(lambda: batch, 1, 1e-3)), params, model
+
+
+# --------------------------------------------------------------------------- nanoGPT, as its model.py has it
+
+
+class NanoLayerNorm(nn.Module):
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoAttention(nn.Module):
+    def __init__(self, d, n_head, bias):
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head = nn.Linear(d, 3 * d, bias=bias), nn.Linear(d, d, bias=bias), n_head
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d, n_head, bias):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = NanoLayerNorm(d, bias), NanoAttention(d, n_head, bias), NanoLayerNorm(d, bias)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d, bias=bias), nn.GELU(), nn.Linear(4 * d, d, bias=bias))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab, context, n_layer, d, n_head, bias=False):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(context, d)
+        self.h = nn.ModuleList(NanoBlock(d, n_head, bias) for _ in range(n_layer))
+        self.ln_f = NanoLayerNorm(d, bias)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight  # weight tying
+        for name, p in self.named_parameters():  # _init_weights + the scaled residual projections
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("attn.c_proj.weight") or name.endswith("mlp.2.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, idx, targets):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+def nanogpt_cpu_step(shape: dict, device: torch.device):
+    """nanoGPT's train.py loop body under its CPU recipe (README: --device=cpu --compile=False; fp32)."""
+    model = NanoGPT(shape["vocab"], shape["context_length"], shape["n_layer"], shape["d_model"], shape["n_head"]).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99))  # fused only on CUDA in configure_optimizers
+
+    def step(batch):
+        x, y = batch
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # --log_interval=1: the recipe prints the loss every step
+        return loss.detach(), None
+
+    return step, sum(p.numel() for p in model.parameters()), model
 
 
 def hf_llama_step(shape: dict, device: torch.device, precision: str):
@@ -82,7 +182,14 @@ def hf_llama_step(shape: dict, device: torch.device, precision: str):
         optimizer.zero_grad(set_to_none=True)
         return loss.detach(), None
 
-    return step, sum(p.numel() for p in model.parameters())
+    return step, sum(p.numel() for p in model.parameters()), model
+
+
+def flops_per_token(model: nn.Module, shape: dict) -> float:
+    """Training FLOPs per token of any of the rows' models, counted the same way (nanoGPT's estimate_mfu, PaLM):
+    6 per weight of every nn.Linear (the output head included, tied or not) + 12 * layers * width * context."""
+    matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6.0 * matmul_weights + 12.0 * shape["n_layer"] * shape["d_model"] * shape["context_length"]
 
 
 def warm_up(step, batches, warmup: int, sync, budget: float) -> tuple[float, float]:
@@ -133,23 +240,27 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     default = (pick_precision("auto", device), can_compile(device))  # what train.precision/compile=auto pick for a long run
     print(f"device {device.type}, {threads} threads, torch {torch.__version__}; native bf16 on this CPU: "
-          f"{cpu_has_fast_bf16()}; gptlab default = precision {default[0]}, compile {'on' if default[1] else 'off'}")
+          f"{cpu_has_fast_bf16()}; gptlab default = precision {default[0]}, compile {'on' if default[1] else 'off'}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    peaks = {name: peak_flops(device, DTYPES[name]) for name in ("fp32", "bf16")}
+    print("MFU peak (gptlab bench peak, cached): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
     print(f"each row: {args.warmup} warm-up steps, then {args.rounds} rounds of up to {args.steps} timed steps "
           f"(fewer for rows slower than {args.row_seconds:.0f} s), rows interleaved; the best round counts "
           "(other work on the machine only ever slows a round down)")
     settings = {  # row -> (model, precision, compile)
-        "default": ("gptlab", *default), "fp32_eager": ("gptlab", "fp32", False),
+        "default": ("gptlab", *default), "nanogpt_cpu": ("nanogpt", "fp32", False), "fp32_eager": ("gptlab", "fp32", False),
         "fp32_compile": ("gptlab", "fp32", True), "bf16_eager": ("gptlab", "bf16", False),
         "hf_llama_bf16": ("hf", "bf16", False), "hf_llama_fp32": ("hf", "fp32", False),
     }
-    labels = {"default": f"gptlab default ({default[0]}{', compile' if default[1] else ''})", "fp32_eager": "gptlab fp32 eager",
+    labels = {"default": f"gptlab default ({default[0]}{', compile' if default[1] else ''})",
+              "nanogpt_cpu": "nanogpt cpu recipe (fp32 eager)", "fp32_eager": "gptlab fp32 eager",
               "fp32_compile": "gptlab fp32 compile", "bf16_eager": "gptlab bf16 eager",
               "hf_llama_bf16": "hf llama bf16 autocast", "hf_llama_fp32": "hf llama fp32"}
     wanted = [r for r in args.rows.split(",") if r]
     if not default[1] and "fp32_compile" in wanted:
         wanted.remove("fp32_compile")
-    header = (f"{'shape':6} {'row':30} {'params':>8} {'tokens/s':>10} {'ms/step':>9} {'steps':>5} {'warm-up s':>9} "
-              f"{'vs fp32 eager':>13}")
+    header = (f"{'shape':6} {'row':31} {'params':>8} {'tokens/s':>10} {'ms/step':>9} {'steps':>5} {'warm-up s':>9} "
+              f"{'MFU':>6} {'vs nanogpt':>10} {'vs fp32 eager':>13}")
     print(header)
     print("-" * len(header))
     results: dict[str, dict[str, dict]] = {}
@@ -165,22 +276,28 @@ def main() -> None:
                 continue
             torch.manual_seed(0)
             model, precision, compile = settings[key]
-            step, params = gptlab_step(shape, device, precision, compile) if model == "gptlab" else hf_llama_step(shape, device, precision)
+            if model == "gptlab":
+                step, params, net = gptlab_step(shape, device, precision, compile)
+            elif model == "nanogpt":
+                step, params, net = nanogpt_cpu_step(shape, device)
+            else:
+                step, params, net = hf_llama_step(shape, device, precision)
             warm, pace = warm_up(step, batches, args.warmup, sync, args.row_seconds / 2)
             n = max(1, min(args.steps, int(args.row_seconds / 2 / args.rounds / pace)))
-            steps[key] = built[settings[key]] = (step, params, warm, n)
+            steps[key] = built[settings[key]] = (step, params, warm, n, flops_per_token(net, shape) / peaks[precision])
         best = {setting: math.inf for setting in built}
         for _ in range(args.rounds):
-            for setting, (step, _, _, n) in built.items():
+            for setting, (step, _, _, n, _) in built.items():
                 best[setting] = min(best[setting], time_steps(step, batches, n, sync))
         results[shape_name] = {key: {"tok_s": B * T / best[settings[key]], "ms_step": 1000 * best[settings[key]],
-                                     "warmup_s": steps[key][2], "params": steps[key][1], "steps": steps[key][3]}
+                                     "warmup_s": steps[key][2], "params": steps[key][1], "steps": steps[key][3],
+                                     "mfu": B * T / best[settings[key]] * steps[key][4]}
                                for key in steps}
         for key, r in results[shape_name].items():
-            base = results[shape_name].get("fp32_eager")
-            ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
-            print(f"{shape_name:6} {labels[key]:30} {r['params'] / 1e6:7.2f}M {r['tok_s']:10,.0f} {r['ms_step']:9.1f} "
-                  f"{r['steps']:5} {r['warmup_s']:9.1f} {ratio:>13}", flush=True)
+            ratios = [f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
+                      for base in (results[shape_name].get("nanogpt_cpu"), results[shape_name].get("fp32_eager"))]
+            print(f"{shape_name:6} {labels[key]:31} {r['params'] / 1e6:7.2f}M {r['tok_s']:10,.0f} {r['ms_step']:9.1f} "
+                  f"{r['steps']:5} {r['warmup_s']:9.1f} {100 * r['mfu']:5.1f}% {ratios[0]:>10} {ratios[1]:>13}", flush=True)
         _compile_note(results[shape_name])
         del steps, built
         torch._dynamo.reset()
@@ -188,9 +305,12 @@ def main() -> None:
     name = "4m" if "4m" in results else next(iter(results))
     r = results[name]
     get = lambda key: r[key]["tok_s"] if key in r else float("nan")  # noqa: E731
-    print(f"RESULT shape={name} gptlab_tok_s={get('default'):.0f} fp32_eager_tok_s={get('fp32_eager'):.0f} "
-          f"hf_llama_bf16_tok_s={get('hf_llama_bf16'):.0f} vs_fp32_eager={get('default') / get('fp32_eager'):.2f} "
-          f"vs_hf_llama={get('default') / get('hf_llama_bf16'):.2f}")
+    llama = max((get(k) for k in ("hf_llama_bf16", "hf_llama_fp32") if k in r), default=float("nan"))
+    mfu = r["default"]["mfu"] if "default" in r else float("nan")
+    print(f"RESULT shape={name} gptlab_tok_s={get('default'):.0f} nanogpt_cpu_tok_s={get('nanogpt_cpu'):.0f} "
+          f"fp32_eager_tok_s={get('fp32_eager'):.0f} hf_llama_bf16_tok_s={get('hf_llama_bf16'):.0f} "
+          f"vs_nanogpt_cpu={get('default') / get('nanogpt_cpu'):.2f} vs_fp32_eager={get('default') / get('fp32_eager'):.2f} "
+          f"vs_hf_llama={get('default') / llama:.2f} mfu={mfu:.3f}")
 
 
 def _compile_note(rows: dict) -> None:

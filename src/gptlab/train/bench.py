@@ -53,7 +53,7 @@ def format_peak(result: dict) -> str:
     for name, flops in result["mfu_peak_flops"].items():
         measured = result["peak_flops"][name]
         source = ("measured now" if flops == measured else "datasheet" if result["device"] == "cuda"
-                  else f"an earlier, faster measurement; now {measured / 1e9:,.1f}: the machine is busier")
+                  else f"the best measured so far; {measured / 1e9:,.2f} this time")
         lines.append(f"MFU peak {name}: {flops / 1e9:,.1f} GFLOP/s ({source})")
     lines.append(f"cached in {result['cache']} (train runs on this device use it for MFU)")
     return "\n".join(lines)
