@@ -79,6 +79,7 @@ def test_quickstart_defaults_are_a_1m_model_on_the_bible_chapters():
     from gptlab.model import model_info
 
     assert 0.9e6 < model_info(model, 1)["parameters"] < 1.3e6
+    assert cfg.profile == "cpu-fast" and cfg.train.optimizer == "muon" and cfg.train.schedule == "wsd"
     chapters = iter_source_documents(demo_corpus())
     genesis_1 = next(chapters)
     assert genesis_1.startswith("In the beginning God created the heaven and the earth.")

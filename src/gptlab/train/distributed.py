@@ -109,7 +109,7 @@ def process_group(cfg: TrainConfig):
         restart = attempt if store else int(agree(float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))[0])
         yield Dist(rank=rank, local_rank=local_rank, world_size=world,
                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), restart=restart,
-                   mode=cfg.distributed, device=device, checkpoint_group=dist.new_group(backend="gloo"))
+                   mode=cfg.distributed, device=device, checkpoint_group=dist.new_group(backend="gloo", timeout=timeout))
     finally:
         dist.destroy_process_group()
 
@@ -140,10 +140,7 @@ def wrap(model: torch.nn.Module, d: Dist, precision: str) -> torch.nn.Module:
         quiet = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                  else {"broadcast_buffers": False})
         return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **quiet)
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:  # torch < 2.6 kept FSDP2 under its first name
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # On GPUs, gather bf16 weights (half the traffic) and average gradients in fp32; the sharded master weights
     # and the optimizer stay fp32. On CPUs bf16 is slow unless native, and autocast already decides the compute.
@@ -189,7 +186,9 @@ def is_comm_error(e: BaseException) -> bool:
     if isinstance(e, dist.DistError):
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and any(
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: a checkpoint's collectives failed
+
+    return isinstance(e, (RuntimeError, CheckpointException)) and any(
         s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
 
 

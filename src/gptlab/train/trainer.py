@@ -36,6 +36,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
 from gptlab.config import Config, ModelConfig, config_to_dict, load_config, save_config
@@ -74,7 +75,7 @@ def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] |
             try:
                 trainer = Trainer(cfg, resume, verbose, dist)
                 return trainer.run(on_step)
-            except (RuntimeError, torch.distributed.DistError) as e:
+            except (RuntimeError, torch.distributed.DistError, CheckpointException) as e:
                 if dist and distributed.is_comm_error(e):
                     raise distributed.lost_contact(e, dist, trainer.step if trainer else 0, cfg.train.dist_timeout) from e
                 raise
