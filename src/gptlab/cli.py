@@ -25,7 +25,8 @@ def _parser(sub, name: str, help: str, examples: str, description: str | None = 
         epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", metavar="TOML", help="config file; dotted overrides such as --tokenizer.vocab_size=4096 apply on top")
+    p.add_argument("--config", "-c", metavar="TOML", help="config file; dotted overrides such as --tokenizer.vocab_size=4096 "
+                   "apply on top, and --profile=cpu-fast lays a profile's defaults under both")
     p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     return p
 

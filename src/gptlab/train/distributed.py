@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: a checkpoint's collectives failed
 
 from gptlab.config import TrainConfig
 from gptlab.errors import GptlabError
@@ -177,17 +178,11 @@ def from_main(value):
     return box[0]
 
 
-def barrier() -> None:
-    dist.barrier()
-
-
 def is_comm_error(e: BaseException) -> bool:
     """A collective that failed because another rank died, hung past train.dist_timeout or the network broke."""
     if isinstance(e, dist.DistError):
         return True
     text = str(e)
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: a checkpoint's collectives failed
-
     return isinstance(e, (RuntimeError, CheckpointException)) and any(
         s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
 

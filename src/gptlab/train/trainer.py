@@ -399,22 +399,22 @@ class Trainer:
             self.stop_signal = signal.Signals(int(signum)).name
         return elapsed
 
-    def _limit_reached(self, elapsed: float | None = None) -> str | None:
+    def _limit_reached(self, elapsed: float) -> str | None:
         t = self.cfg.train
         if t.max_steps and self.step >= t.max_steps:
             return "max_steps"
         if t.max_tokens and self.tokens >= t.max_tokens:
             return "max_tokens"
-        if t.max_time and (self._elapsed_now() if elapsed is None else elapsed) >= t.max_time:
+        if t.max_time and elapsed >= t.max_time:
             return "max_time"
         return None
 
-    def _progress(self, elapsed: float | None = None) -> float:
+    def _progress(self, elapsed: float) -> float:
         """The fraction of the budget spent: the largest over the limits that are set."""
         t = self.cfg.train
         fractions = [self.step / t.max_steps if t.max_steps else 0.0,
                      self.tokens / t.max_tokens if t.max_tokens else 0.0,
-                     (self._elapsed_now() if elapsed is None else elapsed) / t.max_time if t.max_time else 0.0]
+                     elapsed / t.max_time if t.max_time else 0.0]
         return max(fractions)
 
     def _elapsed_now(self) -> float:
