@@ -5,6 +5,7 @@ same global batch of 16 rows x 256 tokens; the multi-process rows run under torc
 on its 8 rows, wrapped by gptlab.train.distributed exactly as `gptlab train` wraps them.
 
 Shapes (see train_throughput.py):
+    1m     4 x 128, ctx 256, vocab 4096      the tiny-1m preset (the CPU speedrun's model)
     4m     4 x 256, ctx 256, vocab 4096      the tiny-4m preset
     16m    8 x 384, ctx 256, vocab 4096      the tiny-16m preset
 
@@ -47,6 +48,7 @@ from gptlab.train.optim import build_optimizer
 from gptlab.train.step import TrainStep
 
 SHAPES = {
+    "1m": dict(n_layer=4, d_model=128, n_head=4, context_length=256, vocab=4096),
     "4m": dict(n_layer=4, d_model=256, n_head=4, context_length=256, vocab=4096),
     "16m": dict(n_layer=8, d_model=384, n_head=6, context_length=256, vocab=4096),
 }
@@ -106,7 +108,7 @@ def worker(args) -> None:
             for _ in range(args.rounds):  # rows interleaved: a busy spell on the machine hits them all alike
                 for mode, step in steps.items():
                     # The slowest process sets the pace: take the largest time over the ranks.
-                    seconds = time_steps(step, data, counts[mode], distributed.barrier)
+                    seconds = time_steps(step, data, counts[mode], torch.distributed.barrier)
                     best[mode] = min(best[mode], distributed.agree(seconds)[0])
             times[name] = best
             del steps

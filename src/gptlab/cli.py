@@ -10,6 +10,7 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -324,8 +325,9 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--run", "-r", metavar="DIR", help="run directory to write (train.run_dir)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint, with its config.toml (overrides apply on top)")
     p.add_argument("--quiet", "-q", action="store_true", help="no start-up line, progress bar or evaluation lines")
-    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine: launches torchrun "
-                   "(python -m torch.distributed.run --standalone) with these arguments")
+    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (train.nproc): "
+                   "launches torchrun (python -m torch.distributed.run --standalone) for you")
+    p.add_argument("--resume-here", action="store_true", help=argparse.SUPPRESS)  # train.nproc's workers: resume --config's run
     p.add_argument("--distributed", choices=["ddp", "fsdp"], help="how several processes share the model (train.distributed; default ddp)")
     p.set_defaults(func=_train)
 
@@ -391,19 +393,18 @@ def _add_train_commands(sub) -> None:
 def _train(args, overrides) -> int:
     from gptlab.train import train
 
-    if args.nproc is not None:
-        return _launch_torchrun(args, overrides)
     cfg = _train_config(args, overrides)
-    summary = train(cfg, resume=bool(args.resume), verbose=not args.quiet)
+    summary = train(cfg, resume=bool(args.resume or args.resume_here), verbose=not args.quiet)
     return 130 if summary["stopped"] == "interrupted" else 0
 
 
 def _train_flags(args) -> list[str]:
-    """--data-dir, --run and --distributed as the overrides they stand for."""
+    """--data-dir, --run, --nproc and --distributed as the overrides they stand for."""
     import json
 
     flags = [f"--train.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []
     flags += [f"--train.run_dir={json.dumps(args.run)}"] if args.run else []
+    flags += [f"--train.nproc={args.nproc}"] if args.nproc is not None else []
     return flags + ([f"--train.distributed={args.distributed}"] if args.distributed else [])
 
 
@@ -415,29 +416,6 @@ def _train_config(args, overrides) -> Config:
             raise GptlabError("--resume continues a run with its own config.toml", "drop --config/--run; change settings with overrides such as --train.max_steps=4000")
         return resume_config(args.resume, _train_flags(args) + overrides)
     return _config(args, _train_flags(args) + overrides)
-
-
-def _launch_torchrun(args, overrides: list[str]) -> int:
-    """`gptlab train --nproc N ...`: the same command under torchrun, N processes on this machine."""
-    import signal
-    import subprocess
-
-    from gptlab.train.distributed import check_config, launched_by_torchrun, torchrun_command
-
-    if args.nproc < 1:
-        raise GptlabError(f"--nproc {args.nproc} is not a number of processes", "give --nproc 1 or more")
-    if launched_by_torchrun():
-        raise GptlabError("--nproc launches torchrun, and this process already runs under torchrun", "drop --nproc")
-    check_config(_train_config(args, overrides).train, args.nproc)  # once here, rather than once per process
-    # --run and --data-dir travel as overrides: torchrun's own parser takes --run for its --run-path.
-    argv = ["train", *(["--config", args.config] if args.config else []), *(["--resume", args.resume] if args.resume else []),
-            *(["--quiet"] if args.quiet else []), *(["--debug"] if args.debug else []), *_train_flags(args), *overrides]
-    # Ctrl-C reaches torchrun and its workers from the terminal; this process only waits for them to save and stop.
-    previous = signal.signal(signal.SIGINT, lambda *_: None)
-    try:
-        return subprocess.call(torchrun_command(args.nproc, argv))
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _sample(args, overrides) -> int:
@@ -802,6 +780,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"gptlab: error: {e}", file=sys.stderr)
+        if e.exit_at_once:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         print("gptlab: interrupted", file=sys.stderr)

@@ -10,6 +10,8 @@ class GptlabError(Exception):
     """A problem the user can fix. The message names the problem and the fix, on one line."""
 
     exit_code = 2
+    # True when the process cannot end normally: the CLI exits at once after printing (see LostContact).
+    exit_at_once = False
 
     def __init__(self, problem: str, fix: str | None = None):
         message = problem if fix is None else f"{problem} — {fix}"

@@ -1,7 +1,7 @@
 """Training on several processes with PyTorch's own engine: torchrun starts them, DDP or FSDP2 spreads the model.
 
     torchrun --nproc_per_node 2 -m gptlab train --config X.toml --train.distributed=fsdp
-    gptlab train --nproc 2 --config X.toml                      # the same, torchrun launched for you
+    gptlab train --nproc 2 --config X.toml                      # the same, torchrun launched for you (train.nproc)
 
 torchrun starts one process per device and tells each its place through the
 environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT, and
@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import faulthandler
 import re
+import signal
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -105,14 +108,16 @@ def process_group(cfg: TrainConfig):
     store, attempt = _attempt_store(rank, world, timeout)
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
                             **({"store": store, "rank": rank, "world_size": world} if store else {}))
-    try:
-        # After a restart, the workers of a node that did not fail still see TORCHELASTIC_RESTART_COUNT=0.
-        restart = attempt if store else int(agree(float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))[0])
-        yield Dist(rank=rank, local_rank=local_rank, world_size=world,
-                   local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), restart=restart,
-                   mode=cfg.distributed, device=device, checkpoint_group=dist.new_group(backend="gloo", timeout=timeout))
-    finally:
-        dist.destroy_process_group()
+    # A rank that seems hung can be asked where it is: `kill -USR1 PID` prints every thread's stack to stderr.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # After a restart, the workers of a node that did not fail still see TORCHELASTIC_RESTART_COUNT=0.
+    restart = attempt if store else int(agree(float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))[0])
+    yield Dist(rank=rank, local_rank=local_rank, world_size=world,
+               local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), restart=restart,
+               mode=cfg.distributed, device=device, checkpoint_group=dist.new_group(backend="gloo", timeout=timeout))
+    # Only after a clean finish: when the run failed, a peer may be unresponsive and tearing the group down
+    # can wait for it forever, while the process is about to end anyway.
+    dist.destroy_process_group()
 
 
 def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> tuple[dist.Store | None, int]:
@@ -187,15 +192,52 @@ def is_comm_error(e: BaseException) -> bool:
         s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out"))
 
 
-def lost_contact(e: BaseException, d: Dist, step: int, timeout: float) -> GptlabError:
+class LostContact(GptlabError):
+    # Threads still blocked on the silent peer (an asynchronous checkpoint, gloo's workers) would keep the
+    # interpreter from exiting, so the CLI ends the process right after printing the message.
+    exit_at_once = True
+
+
+def lost_contact(e: BaseException, d: Dist, step: int, timeout: float) -> LostContact:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     first = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first)  # gloo's source location
-    return GptlabError(
+    return LostContact(
         f"rank {d.rank} of {d.world_size} lost contact with the others at step {step}: {first[:200]} "
         f"(another rank died, or hung for more than train.dist_timeout={timeout:g} s)",
         "see the other ranks' output for the cause; torchrun --max-restarts N restarts the workers and "
         "gptlab train resumes from the last checkpoint by itself",
     )
+
+
+def train_in_processes(cfg, resume: bool, verbose: bool) -> dict:
+    """Train cfg with cfg.train.nproc processes on this machine (torchrun runs `gptlab train` on a copy of
+    cfg); returns the summary rank 0 wrote."""
+    import json
+    import signal
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from gptlab.config import save_config
+
+    n = cfg.train.nproc
+    check_config(cfg.train, n)  # once here, rather than once per process
+    summary = Path(cfg.train.run_dir) / "summary.json"
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="gptlab-") as tmp:
+        config = Path(tmp) / "config.toml"
+        save_config(cfg, config)
+        argv = ["train", "--config", str(config), *(["--resume-here"] if resume else []), *([] if verbose else ["--quiet"])]
+        # Ctrl-C reaches torchrun and its workers from the terminal; this process only waits for them to save and stop.
+        previous = signal.signal(signal.SIGINT, lambda *_: None)
+        try:
+            code = subprocess.call(torchrun_command(n, argv))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if summary.is_file() and summary.stat().st_mtime >= started:
+        return json.loads(summary.read_text())  # also after Ctrl-C: the run stopped "interrupted", with a checkpoint
+    raise GptlabError(f"training in {n} processes failed (torchrun's exit code {code})",
+                      "the workers' messages above say why; train.nproc=1 trains in this process")
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
