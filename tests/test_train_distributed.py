@@ -272,3 +272,22 @@ def test_a_worker_of_nproc_trains_instead_of_launching_again(tiny_shards, tmp_pa
     monkeypatch.setattr(distributed, "process_group", contextlib.contextmanager(lambda cfg: iter([None])))
     assert main(["train", "--nproc", "2", "-q", "--run", str(tmp_path / "run"), *settings(tiny_shards)]) == 0
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_lost_contact_prints_its_line_and_ends_the_process_at_once(monkeypatch, capsys):
+    # Threads blocked on a silent peer would keep the interpreter from exiting; os._exit does not wait for them.
+    from gptlab import cli
+
+    def lose_contact(args, overrides):
+        d = distributed.Dist(rank=1, local_rank=1, world_size=2, local_world_size=2, restart=0, mode="ddp",
+                             device=torch.device("cpu"), checkpoint_group=None)
+        raise distributed.lost_contact(RuntimeError("[../gloo/transport.cc:12] Timed out waiting 4000ms"), d, 7, 4)
+
+    exits = []
+    monkeypatch.setattr(cli, "_train", lose_contact)
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    cli.main(["train"])
+    assert exits == [2]
+    err = capsys.readouterr().err
+    assert err.startswith("gptlab: error: rank 1 of 2 lost contact with the others at step 7: Timed out waiting 4000ms")
+    assert err.count("\n") == 1 and "train.dist_timeout=4" in err
