@@ -25,20 +25,24 @@ process would, step for step.
 from __future__ import annotations
 
 import datetime
-import os
 import faulthandler
+import json
+import os
 import re
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: a checkpoint's collectives failed
 
-from gptlab.config import TrainConfig
+from gptlab.config import Config, TrainConfig, save_config
 from gptlab.errors import GptlabError
 
 ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -209,17 +213,9 @@ def lost_contact(e: BaseException, d: Dist, step: int, timeout: float) -> LostCo
     )
 
 
-def train_in_processes(cfg, resume: bool, verbose: bool) -> dict:
+def train_in_processes(cfg: Config, resume: bool, verbose: bool) -> dict:
     """Train cfg with cfg.train.nproc processes on this machine (torchrun runs `gptlab train` on a copy of
     cfg); returns the summary rank 0 wrote."""
-    import json
-    import signal
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from gptlab.config import save_config
-
     n = cfg.train.nproc
     check_config(cfg.train, n)  # once here, rather than once per process
     summary = Path(cfg.train.run_dir) / "summary.json"
