@@ -240,8 +240,8 @@ class TrainConfig(Section):
     log: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
     loader: Literal["random", "sequential"] = "random"  # random windows (nanoGPT) or shuffled epochs
     peak_flops: float | None = Field(None, gt=0)  # FLOP/s of one process's device that MFU is measured against; None: measured
-    # Processes on this machine; more than 1 runs the training under torchrun (the CPU speedrun: 2 processes of
-    # 1 thread train 13% faster than 1 process of 2 threads at the tiny-1m shape). Ignored under torchrun.
+    # Processes on this machine; more than 1 runs the training under torchrun (DDP unless `distributed` says
+    # fsdp), the cores shared out between them. Ignored in a process that torchrun started.
     nproc: int = Field(1, ge=1)
     # Under torchrun (several processes): ddp = a whole model per process, fsdp = each process holds a shard.
     distributed: Literal["ddp", "fsdp"] = "ddp"
