@@ -23,11 +23,11 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 from gptlab.model import build_model
 from gptlab.speedrun import load_speedrun_config
-from gptlab.train.device import DTYPES, autocast, peak_flops, pick_device, pick_precision, set_threads
+from gptlab.train.device import DTYPES, peak_flops, pick_device, pick_precision, set_threads
 from gptlab.train.optim import build_optimizer
 from gptlab.train.step import TrainStep
 
@@ -54,19 +54,16 @@ def main() -> None:
     def next_batch():
         return data[:, :-1], data[:, 1:]
 
-    for group in optimizer.param_groups:
-        group["lr"] = cfg.train.lr
-    phased = _with_phases(step)
     for _ in range(5):
-        phased(next_batch)
+        step(next_batch, 1, cfg.train.lr)
     clock = time.perf_counter()  # the step's real time: the profiler slows what it watches
     for _ in range(args.steps):
-        phased(next_batch)
+        step(next_batch, 1, cfg.train.lr)
     seconds = (time.perf_counter() - clock) / args.steps
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         clock = time.perf_counter()
         for _ in range(args.steps):
-            phased(next_batch)
+            step(next_batch, 1, cfg.train.lr)
         profiled = (time.perf_counter() - clock) / args.steps
     events = prof.key_averages()
 
@@ -102,25 +99,6 @@ def main() -> None:
     print(f"RESULT step_ms={step_ms:.1f} tokens_per_s={tokens_per_s:.0f} "
           + " ".join(f"{p}_share={phase_ms[p] / profiled_ms:.3f}" for p in ("forward", "backward", "optimizer"))
           + f" matmul_share={matmul_ms / profiled_ms:.3f} matmul_gflops={matmul_gflops:.1f} peak_gflops={peak / 1e9:.1f} mfu={mfu:.3f}")
-
-
-def _with_phases(step: TrainStep):
-    """The TrainStep's work with a profiler label around each phase (the same calls, in the same order)."""
-    optimizer = step.optimizer
-
-    def run(next_batch):
-        x, y = next_batch()
-        with record_function("forward"), autocast(step.device, step.precision):
-            _, loss = step.forward(x, y)
-        with record_function("backward"):
-            loss.backward()
-        with record_function("clip"):
-            torch.nn.utils.clip_grad_norm_(step.params, step.grad_clip, foreach=True)
-        with record_function("optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-    return run
 
 
 if __name__ == "__main__":

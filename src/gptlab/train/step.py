@@ -7,12 +7,16 @@ import math
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from gptlab.train.device import autocast
 
 
 class TrainStep:
     """grad_accum micro-batches of forward + backward under autocast, then clip and step.
+
+    The phases (forward, backward, clip, optimizer) carry torch.profiler labels,
+    which benchmarks/speedrun_profile.py reports.
 
     Returns the mean loss and the gradient norm as tensors on the device: the
     caller decides when to pay for a host sync (`.item()`), normally only at
@@ -41,20 +45,23 @@ class TrainStep:
             x, y = next_batch()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with no_sync() if no_sync and i < grad_accum - 1 else contextlib.nullcontext():
-                with autocast(self.device, self.precision):
+                with record_function("forward"), autocast(self.device, self.precision):
                     _, loss = self.forward(x, y)
                 loss = loss / grad_accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                with record_function("backward"):
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
-            grad_norm = grad_norm.full_tensor()
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("clip"):
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
+                grad_norm = grad_norm.full_tensor()
+        with record_function("optimizer"):
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm

@@ -65,8 +65,9 @@ def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] |
     stopped. `on_step(step)` is called after every optimizer step.
 
     Launched by torchrun, this process is one rank of a distributed run (see
-    distributed.py); cfg.train.nproc > 1 launches torchrun for you; when torchrun restarts the workers after a failure
-    (--max-restarts), the run resumes from its last checkpoint by itself.
+    distributed.py), and cfg.train.nproc > 1 launches torchrun for you; when
+    torchrun restarts the workers after a failure (--max-restarts), the run
+    resumes from its last checkpoint by itself.
     """
     if cfg.train.nproc > 1 and not distributed.launched_by_torchrun():
         return distributed.train_in_processes(cfg, resume, verbose)
