@@ -53,10 +53,31 @@ def torchrun(args: list[str], nproc: int = 2, launcher: tuple[str, ...] = ("--st
     return [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={nproc}", "-m", "gptlab", "train", *args]
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+def run(cmd: list[str], timeout: float = 240) -> str:
+    """The output of cmd, which must succeed within timeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = output_of(proc, timeout)
+    assert proc.returncode == 0, output[-6000:]
+    return output
+
+
+def output_of(proc: subprocess.Popen, timeout: float) -> str:
+    """proc's output once it ends; if it is still running after timeout, the test fails with every worker's
+    stacks (gptlab's torchrun workers print them on SIGUSR1) and no process of the tree is left behind."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        for child in tree:  # one at a time, so that their stacks do not interleave
+            with contextlib.suppress(psutil.Error):
+                if "torch.distributed.run" not in " ".join(child.cmdline()):
+                    child.send_signal(signal.SIGUSR1)
+                    time.sleep(1.5)
+        for child in [*tree, psutil.Process(proc.pid)]:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        pytest.fail(f"still running after {timeout} s:\n" + proc.communicate()[0][-12000:])
 
 
 def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -143,7 +164,7 @@ def test_two_nodes_on_localhost_meet_through_the_c10d_rendezvous(runs, tiny_shar
     cmd = torchrun(["-r", str(tmp_path / "run"), *settings(tiny_shards)], nproc=1, launcher=launcher)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    outputs = [output_of(node, timeout=240) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert_same_curve(tmp_path / "run", runs("single"))
 

@@ -121,6 +121,17 @@ def process_group(cfg: TrainConfig):
                mode=cfg.distributed, device=device, checkpoint_group=dist.new_group(backend="gloo", timeout=timeout))
     # Only after a clean finish: when the run failed, a peer may be unresponsive and tearing the group down
     # can wait for it forever, while the process is about to end anyway.
+    _tear_down()
+
+
+def _tear_down() -> None:
+    """Destroy the process groups once every rank is done with them."""
+    dist.barrier()
+    # A gloo thread that has just finished a collective frees its tensors under the GIL, while the thread that
+    # destroys the group (here, or when the DDP wrapper goes) holds the GIL and joins gloo's threads
+    # (pytorch/pytorch#56297): a rank that got there first hung for good. Letting go of the GIL for a moment
+    # lets gloo's threads finish first.
+    time.sleep(0.2)
     dist.destroy_process_group()
 
 
