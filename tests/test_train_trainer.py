@@ -152,6 +152,16 @@ def test_token_and_time_limits(tiny_shards, tmp_path, limit, stopped, steps):
     assert summary["stopped"] == stopped and summary["steps"] == steps
 
 
+def test_a_time_limit_counts_the_whole_budget_and_the_last_logged_row_is_kept_and_plotted(tiny_shards, tmp_path):
+    # A row every step and no evaluation: the run stops right after logging one, with nothing left to log.
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_shards, run, "--train.max_steps=1000", "--train.max_time=0.5",
+                                "--train.eval_every=1000"), verbose=False)
+    assert summary["stopped"] == "max_time" and summary["elapsed"] >= 0.5
+    assert summary["checkpoint"].endswith(f"step_{summary['steps']:07d}")
+    assert (run / "loss.png").is_file() and (run / "lr.png").is_file()
+
+
 def test_grad_accum_and_clipping(tiny_shards, tmp_path):
     run = tmp_path / "run"
     summary = train(tiny_config(tiny_shards, run, "--train.grad_accum=2", "--train.max_steps=2", "--train.grad_clip=1e-3"),

@@ -332,6 +332,7 @@ class Trainer:
                     elapsed = self._agree_elapsed_and_signals()
                     stopped = self._limit_reached(elapsed) or ("interrupted" if self.stop_signal else None)
                     if stopped:
+                        self._tick()  # the time the limit was checked against counts, up to here
                         break
                     lr = learning_rate(t, self.step, self._progress(elapsed))
                     self._interval.add(*self.train_step(self.loader.next_batch, t.grad_accum, lr), lr)
@@ -354,8 +355,9 @@ class Trainer:
                 else:
                     self._finish_checkpoint()
                     if self.last_checkpoint is None or _step_of(self.last_checkpoint) != self.step:
-                        self._tick()
                         self.save_checkpoint(None)
+                        if self.main:  # the last row was logged without a plot
+                            self.metrics.plot(self.run_dir)
                 self._finish_checkpoint()
         except Diverged as e:
             good = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
