@@ -14,7 +14,7 @@ import os
 import sys
 import textwrap
 
-from gptlab.config import Config, load_config
+from gptlab.config import Config, DistillConfig, load_config
 from gptlab.errors import GptlabError
 
 
@@ -577,6 +577,58 @@ def _plot(args, overrides) -> int:
 # --------------------------------------------------------------------------- bench
 
 
+def _add_distill_commands(sub) -> None:
+    p = _parser(
+        sub,
+        "distill",
+        "have a teacher model write a training corpus from prompts (sequence-level knowledge distillation)",
+        """
+        gptlab distill runs/big --prompts prompts.txt --out data/synthetic.jsonl --tokens 200000
+        gptlab distill path/to/llama-folder --prompts stoic.txt --chat --out data/stoic.jsonl --top-p 0.9
+        gptlab distill hf:HuggingFaceTB/SmolLM2-360M-Instruct --prompts stoic.txt --chat --out data/stoic.jsonl
+        # then train a student on it, alone or mixed with real text:
+        #   [[data.sources]]  path = "data/synthetic.jsonl"  weight = 0.5
+        """,
+        description="The teacher -- a gptlab run, a Hugging Face model folder, or hf:NAME from the Hub (needs "
+        "transformers: pip install 'gptlab[distill]') -- continues the prompts (one per line, taken in turn) until "
+        "it has written --tokens tokens. Each sample is a JSON line {text, prompt, tokens, teacher}; --chat wraps "
+        "the prompts in the teacher's chat template and keeps only its answers. The file is written as "
+        "OUT.partial and renamed when done; run the same command again to continue an interrupted one.",
+    )
+    p.add_argument("teacher", metavar="TEACHER", help="a gptlab run directory or checkpoint, a Hugging Face model folder, or hf:NAME")
+    p.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="the JSON-lines corpus to write")
+    default = {name: field.default for name, field in DistillConfig.model_fields.items()}
+    p.add_argument("--tokens", type=int, metavar="N", help=f"tokens to write (default {default['tokens']:,})")
+    p.add_argument("--batch-size", type=int, metavar="B", help=f"prompts per batch (default {default['batch_size']})")
+    p.add_argument("--max-new-tokens", "-n", type=int, metavar="N", help=f"tokens per sample at most (default {default['max_new_tokens']})")
+    p.add_argument("--temperature", "-t", type=float, metavar="T", help=f"0 = greedy (default {default['temperature']})")
+    p.add_argument("--top-k", type=int, metavar="K")
+    p.add_argument("--top-p", type=float, metavar="P", help=f"default {default['top_p']}")
+    p.add_argument("--seed", type=int, metavar="S")
+    p.add_argument("--chat", action="store_true", default=None, help="use the teacher's chat template; keep only the answers")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda, cuda:1 ... (default cpu)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_distill)
+
+
+def _distill(args, overrides) -> int:
+    from gptlab.config import apply_overrides, config_from_dict
+    from gptlab.distill import distill_corpus, load_teacher, read_prompts
+
+    flags = {"tokens": args.tokens, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "chat": args.chat}
+    raw = {"distill": {**_config(args, overrides).distill.model_dump(exclude_none=True), **{k: v for k, v in flags.items() if v is not None}}}
+    settings = config_from_dict(apply_overrides(raw, [])).distill
+    prompts = read_prompts(args.prompts)
+    r = distill_corpus(load_teacher(args.teacher, args.device), prompts, args.out, settings, verbose=not args.quiet)
+    again = f" (continued from sample {r['resumed_at_record']:,})" if r["resumed_at_record"] else ""
+    print(f"wrote {r['records']:,} samples, {r['tokens']:,} tokens from {r['teacher']} to {r['out']}{again} "
+          f"in {r['seconds']:.0f} s ({r['tokens_per_s'] or 0:,.0f} tokens/s)")
+    print(f'train on it with a [[data.sources]] entry: path = "{r["out"]}"')
+    return 0
+
+
 def _add_bench_commands(sub) -> None:
     bench = sub.add_parser("bench", help="measure what this machine can do (the peak that MFU is measured against)")
     bsub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
@@ -754,6 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_train_commands(sub)
     _add_evaluate_commands(sub)
+    _add_distill_commands(sub)
     _add_bench_commands(sub)
     _add_speedrun_commands(sub)
     _add_export_commands(sub)

@@ -299,6 +299,22 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# --------------------------------------------------------------------------- distill
+
+
+class DistillConfig(Section):
+    """What `gptlab distill` asks of the teacher (sequence-level knowledge distillation)."""
+
+    tokens: int = Field(100_000, ge=1)  # stop once the teacher has written this many tokens (counted by its tokenizer)
+    batch_size: int = Field(8, ge=1)  # prompts per generation call; the prompts are taken in turn, round and round
+    max_new_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.8, ge=0)  # 0 = greedy
+    top_k: int | None = Field(None, ge=1)
+    top_p: float = Field(0.95, gt=0, le=1)
+    seed: int = 1337  # batch k is drawn with seed + k, so an interrupted run continues as if it had not stopped
+    chat: bool = False  # wrap each prompt in the teacher's chat template and keep only its answer
+
+
 class Config(Section):
     profile: str | None = None  # a set of defaults from PROFILES, e.g. "cpu-fast"; the file and overrides win
     text: TextConfig = TextConfig()
@@ -308,6 +324,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
     eval: EvalConfig = EvalConfig()
+    distill: DistillConfig = DistillConfig()
 
 
 # --------------------------------------------------------------------------- loading

@@ -120,7 +120,7 @@ def sample_tokens(
     return new, (logprob_sum / count.clamp(min=1)).tolist()
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt's tokens after BOS (where the tokenizer has one); an empty prompt starts from BOS or EOS,
     which is how every training document starts (EOS ends the one before)."""
     start = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -175,7 +175,7 @@ def generate(
             "sample with the tokenizer the model was trained with",
         )
     candidates = max(cfg.best_of, cfg.num_samples)
-    ids = [_prompt_ids(tokenizer, p) for p in prompts for _ in range(candidates)]
+    ids = [prompt_ids(tokenizer, p) for p in prompts for _ in range(candidates)]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stream = _Stream(tokenizer, len(ids), on_token) if on_token is not None and candidates == cfg.num_samples else None

@@ -305,8 +305,9 @@ def _iter_parquet(path: Path, source: SourceConfig) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def _check_hub_reachable(name: str) -> None:
-    """Fail in a second, not after minutes of retries, when the Hub cannot be reached."""
+def check_hub_reachable(name: str, fix: str = "download it elsewhere and pass the files as a local path "
+                        "(or hf:/path/to/saved_dataset)") -> None:
+    """Fail in a second, not after minutes of retries, when the Hub cannot be reached for hf:`name`."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or urllib.request.getproxies():
@@ -316,11 +317,8 @@ def _check_hub_reachable(name: str) -> None:
     try:
         socket.create_connection((url.hostname, port), timeout=5).close()
     except OSError:
-        raise GptlabError(
-            f"cannot reach {url.hostname} for hf:{name}: no network?",
-            "download it elsewhere and pass the files as a local path (or hf:/path/to/saved_dataset); "
-            "HF_HUB_OFFLINE=1 uses a copy already in the Hugging Face cache",
-        ) from None
+        raise GptlabError(f"cannot reach {url.hostname} for hf:{name}: no network?",
+                          f"{fix}; HF_HUB_OFFLINE=1 uses a copy already in the Hugging Face cache") from None
 
 
 def _load_hf(source: SourceConfig):
@@ -337,7 +335,7 @@ def _load_hf(source: SourceConfig):
                 ds = ds[source.split]
             return ds
         if not local.is_dir():
-            _check_hub_reachable(name)
+            check_hub_reachable(name)
         return datasets.load_dataset(str(local) if local.is_dir() else name, source.hf_config, split=source.split, streaming=source.streaming)
     except ConnectionError as e:
         raise GptlabError(f"cannot load hf:{name}: {e}", "no network? download it elsewhere and pass the files as a local path") from None

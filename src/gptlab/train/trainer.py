@@ -332,7 +332,9 @@ class Trainer:
                     elapsed = self._agree_elapsed_and_signals()
                     stopped = self._limit_reached(elapsed) or ("interrupted" if self.stop_signal else None)
                     if stopped:
-                        self._tick()  # the time the limit was checked against counts, up to here
+                        # The run took the time the limits went by: distributed, the slowest rank's.
+                        self._tick()
+                        self.elapsed = max(self.elapsed, elapsed)
                         break
                     lr = learning_rate(t, self.step, self._progress(elapsed))
                     self._interval.add(*self.train_step(self.loader.next_batch, t.grad_accum, lr), lr)
