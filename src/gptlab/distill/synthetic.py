@@ -3,10 +3,10 @@ training data (AureliusGPT-Torch grew its 89k-token corpus this way with a fine-
 
 The teacher is a gptlab run, or a Hugging Face causal LM (a local folder, or `hf:NAME` from the Hub) run
 through transformers. The corpus is JSON lines, one record per sample -- {"text", "prompt", "tokens" (the
-teacher's tokens in the continuation), "teacher"} -- which
-a [[data.sources]] entry reads as it is. Writing goes to OUT.partial and is renamed to OUT when the token budget
-is reached; an interrupted run continues where it stopped, and produces the same file it would have written
-without the interruption (batch k is drawn with seed + k).
+teacher's tokens in the continuation), "teacher"} -- which a [[data.sources]] entry reads as it is.
+Writing goes to OUT.partial and is renamed to OUT when the token budget is reached; an interrupted run
+continues where it stopped and produces the file it would have written in one go (batch k is drawn with
+seed + k).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from gptlab.config import DistillConfig
 from gptlab.errors import GptlabError
-
-HF_PREFIX = "hf:"
+from gptlab.files import atomic_write_json
+from gptlab.text.sources import HF_PREFIX, check_hub_reachable
 
 
 class GptlabTeacher:
@@ -59,8 +59,6 @@ class HFTeacher:
         local = not name.startswith(HF_PREFIX)
         where = name if local else name.removeprefix(HF_PREFIX)
         if not local:
-            from gptlab.text.sources import check_hub_reachable
-
             check_hub_reachable(where, "download the model elsewhere and give its folder")
         self.name = name
         try:
@@ -149,7 +147,7 @@ def distill_corpus(teacher, prompts: list[str], out: str | Path, settings: Disti
     batches_done = records // s.batch_size
     out.parent.mkdir(parents=True, exist_ok=True)
     if not partial.exists():
-        state_file.write_text(json.dumps(state))
+        atomic_write_json(state_file, state)
     started, new_tokens = time.perf_counter(), 0
     bar = tqdm(total=s.tokens, initial=min(tokens, s.tokens), unit="tok", unit_scale=True, disable=not verbose, desc="distill")
     with open(partial, "a", encoding="utf-8") as f:
