@@ -92,9 +92,19 @@ def test_a_hugging_face_teacher_batches_as_it_generates_one_by_one(make_export_r
         assert record["text"] == record["prompt"] + tokenizer.decode(y, skip_special_tokens=True)
         assert record["tokens"] == len(y)
 
+    chat = settings.model_copy(update={"chat": True})
     with pytest.raises(GptlabError, match="has no chat template"):
-        distill_corpus(load_teacher(tmp_path / "hf"), PROMPTS, tmp_path / "chat.jsonl",
-                       settings.model_copy(update={"chat": True}), verbose=False)
+        distill_corpus(load_teacher(tmp_path / "hf"), PROMPTS, tmp_path / "chat.jsonl", chat, verbose=False)
+
+    # --chat: the prompt goes through the teacher's template, and only the answer is kept
+    tokenizer.chat_template = "{% for m in messages %}Q: {{ m['content'] }}\nA:{% endfor %}"
+    tokenizer.save_pretrained(tmp_path / "hf")
+    distill_corpus(load_teacher(tmp_path / "hf"), PROMPTS, tmp_path / "chat.jsonl", chat, verbose=False)
+    for record in records(tmp_path / "chat.jsonl"):
+        x = tokenizer(f"Q: {record['prompt']}\nA:", return_tensors="pt", add_special_tokens=False)
+        y = model.generate(**x, max_new_tokens=7, do_sample=False, pad_token_id=tokenizer.eos_token_id)[0, x["input_ids"].shape[1]:].tolist()
+        y = y[: y.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in y else y
+        assert record["text"] == tokenizer.decode(y, skip_special_tokens=True)
 
 
 def test_the_command_writes_a_corpus_that_reads_as_a_data_source(make_export_run, tmp_path, prompts_file, capsys, single_thread):
