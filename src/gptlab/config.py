@@ -207,6 +207,11 @@ class TrainConfig(Section):
     data_dir: str = "data/prepared"  # output of `gptlab data prepare`
     run_dir: str = "runs/default"
     init_from: str | None = None  # a run dir or checkpoint to continue from (new data / hyper-parameters)
+    # Logit distillation: a trained run with the same tokenizer whose next-token distributions the student also
+    # learns; loss = (1 - distill_weight) x cross-entropy + distill_weight x T^2 x KL(teacher_T || student_T).
+    teacher: str | None = None
+    distill_weight: float = Field(0.5, ge=0, le=1)
+    distill_temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)

@@ -29,9 +29,10 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str, grad_clip: float = 1.0, compile: bool = False):
+                 precision: str, grad_clip: float = 1.0, compile: bool = False, teacher: "Teacher | None" = None):
         self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
         self.forward = torch.compile(model) if compile else model
+        self.teacher = teacher
         self.grad_clip = grad_clip or math.inf  # inf: only measure the norm
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -46,7 +47,11 @@ class TrainStep:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with no_sync() if no_sync and i < grad_accum - 1 else contextlib.nullcontext():
                 with record_function("forward"), autocast(self.device, self.precision):
-                    _, loss = self.forward(x, y)
+                    if self.teacher:
+                        logits, loss = self.forward(x, y, return_logits=True)
+                        loss = self.teacher.loss(x, logits, loss)
+                    else:
+                        _, loss = self.forward(x, y)
                 loss = loss / grad_accum
                 with record_function("backward"):
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -65,3 +70,20 @@ class TrainStep:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
+
+
+class Teacher:
+    """Logit distillation: mixes the student's cross-entropy with the temperature-softened KL divergence from a
+    frozen teacher's next-token distributions (Hinton et al. 2015; T^2 keeps the gradients' scale across T)."""
+
+    def __init__(self, model: torch.nn.Module, weight: float, temperature: float):
+        self.model, self.weight, self.temperature = model.eval().requires_grad_(False), weight, temperature
+
+    def loss(self, x: torch.Tensor, student_logits: torch.Tensor, cross_entropy: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits, _ = self.model(x)
+        T = self.temperature
+        kl = torch.nn.functional.kl_div((student_logits.float() / T).log_softmax(-1).flatten(0, 1),
+                                        (teacher_logits.float() / T).log_softmax(-1).flatten(0, 1),
+                                        log_target=True, reduction="batchmean")
+        return (1 - self.weight) * cross_entropy + self.weight * T * T * kl

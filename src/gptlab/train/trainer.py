@@ -50,7 +50,7 @@ from gptlab.train.device import (
 )
 from gptlab.train.metrics import MetricsLog, append_sample
 from gptlab.train.optim import build_optimizer, learning_rate
-from gptlab.train.step import TrainStep
+from gptlab.train.step import Teacher, TrainStep
 
 # Typical model FLOP utilisation, used only for the start-up line's time estimate (the bar's ETA is measured).
 # CPU: 0.5-0.65 measured for 1-4M-parameter models in fp32 against `gptlab bench peak` (2 AVX2 cores).
@@ -171,7 +171,9 @@ class Trainer:
             self.compile = pick_compile(t.compile, self.device, self.expected_seconds())
         if dist:
             self.compile = distributed.from_main(self.compile)
-        self.train_step = TrainStep(self.wrapped, self.optimizer, self.device, self.precision, t.grad_clip, self.compile)
+        self.teacher = self._load_teacher() if t.teacher else None
+        self.train_step = TrainStep(self.wrapped, self.optimizer, self.device, self.precision, t.grad_clip, self.compile,
+                                    self.teacher)
         if scaler_state and self.train_step.scaler:
             self.train_step.scaler.load_state_dict(scaler_state)
 
@@ -203,6 +205,19 @@ class Trainer:
             raise GptlabError(f"{self.run_dir} has no checkpoint to resume from",
                               "start it again without --resume (a checkpoint is written at every evaluation)")
         return found[-1]
+
+    def _load_teacher(self) -> Teacher:
+        t = self.cfg.train
+        model, tokenizer, _ = ckpt.load_run(t.teacher, device=self.device)
+        if tokenizer.checksum != self.tokenizer.checksum:
+            raise GptlabError(f"train.teacher={t.teacher} has another tokenizer than the shards in {self.data_dir}",
+                              "logit distillation needs one tokenizer; with another, let the teacher write a corpus "
+                              "(gptlab distill) and train on that")
+        if model.cfg.context_length < self.cfg.model.context_length:
+            raise GptlabError(f"train.teacher={t.teacher} reads {model.cfg.context_length} tokens, fewer than the "
+                              f"student's model.context_length={self.cfg.model.context_length}",
+                              "train the student with a context the teacher covers")
+        return Teacher(model, t.distill_weight, t.distill_temperature)
 
     def _init_from_checkpoint(self) -> Path:
         source = ckpt.find_checkpoint(self.cfg.train.init_from, "best")
@@ -591,6 +606,9 @@ class Trainer:
             f"{self.model.num_params() / 1e6:.2f}M parameters ({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)",
             f"{self.tokens_per_step:,} tokens/step",
         ]
+        if self.teacher:
+            t = self.cfg.train
+            parts.append(f"distilling from {t.teacher} (weight {t.distill_weight:g}, temperature {t.distill_temperature:g})")
         seconds, planned = self.expected_seconds(), self._planned_steps()
         tokens = max(planned - self.step, 0) * self.tokens_per_step if planned else seconds * self.expected_tokens_per_s()
         if planned and seconds * self.expected_tokens_per_s() < tokens:  # max_time comes first
