@@ -66,7 +66,7 @@ class MetricsLog:
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if len(series) > 1:
+            if len(series) > 1 and any(points for _, points in series):
                 ax.legend()
             buf = io.BytesIO()
             fig.savefig(buf, format="png", bbox_inches="tight")
