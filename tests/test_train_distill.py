@@ -3,7 +3,6 @@ divergence from a frozen teacher's next-token distributions."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 
@@ -11,25 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptlab.config import load_config
 from gptlab.errors import GptlabError
 from gptlab.train import load_run, train
-
-
-def config(data_dir, run_dir, *extra):
-    """The student: the export fixture's shape (2 x 32, context 64) on the tiny shards, fp32, eager, one thread."""
-    return load_config(None, [
-        f"--train.data_dir={str(data_dir)!r}", f"--train.run_dir={str(run_dir)!r}",
-        "--model.n_layer=2", "--model.d_model=32", "--model.n_head=4", "--model.context_length=64",
-        "--train.batch_size=4", "--train.max_steps=6", "--train.eval_every=3", "--train.eval_batches=2",
-        "--train.log_every=1", "--train.warmup_steps=1", "--train.lr=3e-3", "--train.precision=fp32",
-        "--train.compile=false", "--train.peak_flops=1e11", "--train.threads=1", *extra,
-    ])
+from test_train_trainer import read_metrics, tiny_config as config  # the student: 2 x 32, context 32
 
 
 def losses(run_dir) -> list[float]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [float(r["loss"]) for r in csv.DictReader(f)]
+    return [float(r["loss"]) for r in read_metrics(run_dir)]
 
 
 def kl_from(teacher, student, x) -> float:
@@ -57,16 +44,16 @@ def test_a_copy_of_the_teacher_starts_at_zero_kl_and_a_student_moves_towards_its
                  f"--train.init_from={str(teacher_run)!r}", "--train.max_steps=1", "--train.lr=1e-9"), verbose=False)
     assert losses(copy)[0] == pytest.approx(0.0, abs=1e-6)
 
-    # from scratch, with T = 2: after 30 steps the student is closer to its teacher than plain training brings it
-    x = torch.randint(0, teacher.cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    # from scratch, with T = 2: after 60 steps the student is closer to its teacher than plain training brings it
+    x = torch.randint(0, teacher.cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name, extra in {"taught": [f"--train.teacher={str(teacher_run)!r}", "--train.distill_weight=1",
                                    "--train.distill_temperature=2"], "plain": []}.items():
-        train(config(tiny_shards, tmp_path / name, "--train.max_steps=30", "--train.eval_every=30", *extra), verbose=False)
+        train(config(tiny_shards, tmp_path / name, "--train.max_steps=60", "--train.eval_every=60", *extra), verbose=False)
         runs[name] = kl_from(teacher, load_run(tmp_path / name, "last")[0], x)
     fresh = kl_from(teacher, load_run(copy, "last")[0], x)
     assert fresh == pytest.approx(0.0, abs=1e-5)
-    assert runs["taught"] < 0.75 * runs["plain"], runs  # measured: 0.48 vs 0.78
+    assert runs["taught"] < 0.75 * runs["plain"], runs  # measured: 0.46 vs 0.86
     summary = json.loads((tmp_path / "taught" / "summary.json").read_text())
     assert math.isfinite(summary["val_loss"])  # validation stays the student's own cross-entropy
 
