@@ -613,13 +613,13 @@ def _add_distill_commands(sub) -> None:
 
 
 def _distill(args, overrides) -> int:
-    from gptlab.config import apply_overrides, config_from_dict
+    from gptlab.config import config_from_dict
     from gptlab.distill import distill_corpus, load_teacher, read_prompts
 
     flags = {"tokens": args.tokens, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "chat": args.chat}
     raw = {"distill": {**_config(args, overrides).distill.model_dump(exclude_none=True), **{k: v for k, v in flags.items() if v is not None}}}
-    settings = config_from_dict(apply_overrides(raw, [])).distill
+    settings = config_from_dict(raw).distill  # the flags over --config and --distill.* overrides
     prompts = read_prompts(args.prompts)
     r = distill_corpus(load_teacher(args.teacher, args.device), prompts, args.out, settings, verbose=not args.quiet)
     again = f" (continued from sample {r['resumed_at_record']:,})" if r["resumed_at_record"] else ""

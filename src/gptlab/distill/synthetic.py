@@ -24,6 +24,7 @@ from gptlab.config import DistillConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json
 from gptlab.text.sources import HF_PREFIX, check_hub_reachable
+from gptlab.train.checkpoint import CHECKPOINTS, INFO
 
 
 class GptlabTeacher:
@@ -109,7 +110,7 @@ def load_teacher(teacher: str | Path, device: str | torch.device = "cpu"):
     path = Path(name)
     if not path.exists():
         raise GptlabError(f"teacher not found: {path}", "give a gptlab run directory, a Hugging Face model folder, or hf:NAME")
-    if (path / "config.toml").is_file() or (path / "checkpoint.json").is_file() or (path / "checkpoints").is_dir():
+    if (path / "config.toml").is_file() or (path / INFO).is_file() or (path / CHECKPOINTS).is_dir():  # a run or a checkpoint
         return GptlabTeacher(path, device)
     if (path / "config.json").is_file():
         return HFTeacher(name, device)
@@ -143,15 +144,15 @@ def distill_corpus(teacher, prompts: list[str], out: str | Path, settings: Disti
         raise GptlabError(f"{out} already exists", "choose another --out, or delete it to write it again")
     partial, state_file = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
     state = {"teacher": teacher.name, "prompts": prompts, "settings": s.model_dump()}
-    records, tokens = _resume(partial, state_file, state)
-    batches_done = records // s.batch_size
+    resumed_records, resumed_tokens = _resume(partial, state_file, state)
+    records, tokens = resumed_records, resumed_tokens
     out.parent.mkdir(parents=True, exist_ok=True)
     if not partial.exists():
         atomic_write_json(state_file, state)
-    started, new_tokens = time.perf_counter(), 0
+    started = time.perf_counter()
     bar = tqdm(total=s.tokens, initial=min(tokens, s.tokens), unit="tok", unit_scale=True, disable=not verbose, desc="distill")
     with open(partial, "a", encoding="utf-8") as f:
-        batch = batches_done
+        batch = records // s.batch_size  # the file holds whole batches
         while tokens < s.tokens:
             first = batch * s.batch_size
             chosen = [prompts[(first + i) % len(prompts)] for i in range(s.batch_size)]
@@ -159,7 +160,7 @@ def distill_corpus(teacher, prompts: list[str], out: str | Path, settings: Disti
             for prompt, (text, n) in zip(chosen, teacher.continue_prompts(chosen, s, seed=s.seed + batch)):
                 record = {"text": text if s.chat else prompt + text, "prompt": prompt, "tokens": n, "teacher": teacher.name}
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-                tokens, new_tokens = tokens + n, new_tokens + n
+                tokens += n
             f.write("".join(lines))  # whole batches only, so a resumed run knows where it stopped
             f.flush()
             os.fsync(f.fileno())
@@ -173,7 +174,7 @@ def distill_corpus(teacher, prompts: list[str], out: str | Path, settings: Disti
     state_file.unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     return {"out": str(out), "records": records, "tokens": tokens, "teacher": teacher.name, "seconds": round(seconds, 2),
-            "tokens_per_s": round(new_tokens / seconds, 1) if seconds else None, "resumed_at_record": batches_done * s.batch_size}
+            "tokens_per_s": round((tokens - resumed_tokens) / seconds, 1) if seconds else None, "resumed_at_record": resumed_records}
 
 
 def _resume(partial: Path, state_file: Path, state: dict) -> tuple[int, int]:
