@@ -25,9 +25,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from gptlab.device import DTYPES, peak_flops, pick_device, pick_precision, set_threads
 from gptlab.model import build_model
 from gptlab.speedrun import load_speedrun_config
-from gptlab.train.device import DTYPES, peak_flops, pick_device, pick_precision, set_threads
 from gptlab.train.optim import build_optimizer
 from gptlab.train.step import TrainStep
 

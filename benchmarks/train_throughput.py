@@ -53,10 +53,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptlab.config import ModelConfig, TrainConfig
-from gptlab.model import build_model
-from gptlab.train.device import (
-    DTYPES, autocast, can_compile, cpu_has_fast_bf16, peak_flops, pick_device, pick_precision, set_threads,
+from gptlab.device import (
+    DTYPES,
+    autocast,
+    can_compile,
+    cpu_has_fast_bf16,
+    peak_flops,
+    pick_device,
+    pick_precision,
+    set_threads,
 )
+from gptlab.model import build_model
 from gptlab.train.optim import build_optimizer
 from gptlab.train.step import TrainStep
 

@@ -7,21 +7,10 @@ reason where that folder is absent (a user's clone).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-SHARED_DATA = Path(os.environ.get("GPTLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-TINY_STORIES = [
-    "Once upon a time there was a little cat named Tom. Tom liked to play in the sun.",
-    "One day, a girl named Lily found a red ball. She was very happy and ran to show her mom.",
-    "The dog and the bird were friends. Every morning they sang songs by the big tree.",
-    "Ben had a toy car. He drove it around the room and laughed. \"Vroom!\" said Ben.",
-    "Sue wanted to bake a cake. Her dad helped her mix the flour and the eggs.",
-    "A small fish swam in the blue sea. It saw a shiny shell and took it home.",
-]
+from helpers import SHARED_DATA, TINY_STORIES
 
 
 @pytest.fixture(scope="session")
@@ -185,7 +174,13 @@ def make_export_run(tmp_path_factory, tiny_tokenizer, tiny_shards):
     """
     import torch
 
-    from gptlab.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
+    from gptlab.config import (
+        Config,
+        ModelConfig,
+        TrainConfig,
+        config_to_dict,
+        save_config,
+    )
     from gptlab.model import build_model
     from gptlab.tokenizer import load_tokenizer
     from gptlab.train.checkpoint import save_checkpoint

@@ -1,10 +1,15 @@
 """The typed config: TOML + dotted overrides, one-line errors naming key, value and what is allowed."""
 
+import pytest
 import tomllib
 
-import pytest
-
-from gptlab.config import Config, apply_overrides, load_config, parse_override, save_config
+from gptlab.config import (
+    Config,
+    apply_overrides,
+    load_config,
+    parse_override,
+    save_config,
+)
 from gptlab.errors import GptlabError
 
 

@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers import TINY_STORIES
 
-from conftest import TINY_STORIES
 from gptlab.cli import main
 from gptlab.data import inspect_data, load_meta
 from gptlab.data.inspect import format_report

@@ -5,8 +5,7 @@ import sys
 import time
 
 import pytest
-
-from conftest import TINY_STORIES
+from helpers import TINY_STORIES
 
 CORPUS_BYTES = 200_000_000
 RSS_LIMIT = 1_000_000_000

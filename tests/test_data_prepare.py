@@ -6,10 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_STORIES
 
-from conftest import TINY_STORIES
 from gptlab.config import load_config
-from gptlab.data import BatchLoader, check_tokenizer, load_meta, prepare_data, read_shard
+from gptlab.data import (
+    BatchLoader,
+    check_tokenizer,
+    load_meta,
+    prepare_data,
+    read_shard,
+)
 from gptlab.data import prepare as prepare_module
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import load_tokenizer

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from gptlab.data.shards import HEADER_BYTES, read_header, read_shard, token_dtype, write_shard
+from gptlab.data.shards import (
+    HEADER_BYTES,
+    read_header,
+    read_shard,
+    token_dtype,
+    write_shard,
+)
 from gptlab.errors import GptlabError
 
 

@@ -9,11 +9,11 @@ import torch
 
 from gptlab.cli import main
 from gptlab.config import DistillConfig, load_config
-from gptlab.distill import distill_corpus, load_teacher, read_prompts
+from gptlab.distill import distill_corpus, load_teacher
 from gptlab.errors import GptlabError
 from gptlab.generate import prompt_ids, sample_tokens
+from gptlab.runs import load_run
 from gptlab.text import iter_source_documents
-from gptlab.train import load_run
 
 PROMPTS = ["Once upon a time", "The dog", "Lily and Tom"]
 

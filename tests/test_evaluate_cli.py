@@ -6,10 +6,10 @@ import json
 import shutil
 
 import pytest
+from helpers import OFFICIAL, PREPROCESSED, write_jsonl
 
 from gptlab.cli import main
 from gptlab.evaluate import read_metrics
-from test_evaluate_hellaswag import OFFICIAL, PREPROCESSED, write_jsonl
 
 
 @pytest.fixture()

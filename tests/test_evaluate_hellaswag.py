@@ -9,24 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import OFFICIAL, PREPROCESSED, write_jsonl
 
 from gptlab.config import TokenizerConfig
 from gptlab.errors import GptlabError
 from gptlab.evaluate import HellaSwagItem, load_hellaswag, score_hellaswag
 from gptlab.evaluate.hellaswag import logits_at, preprocess
 from gptlab.tokenizer import train_tokenizer
-
-PREPROCESSED = {"idx": 0, "activity_label": "Roof shingle removal", "ctx": "A man is sitting on a roof. he", "label": 3,
-                "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
-                            "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
-OFFICIAL = {"ind": 4, "activity_label": "Baking cookies", "ctx_a": "A woman is in a kitchen.", "ctx_b": "she",
-            "ctx": "A woman is in a kitchen. she", "split": "val", "split_type": "indomain", "label": 1, "source_id": "x",
-            "endings": ["bakes  a cake [title] Then eats it.", "mixes the dough.", "sings [step] loudly.", "leaves."]}
-
-
-def write_jsonl(path, records) -> str:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
-    return str(path)
 
 
 def test_reads_the_preprocessed_and_the_official_format(tmp_path):

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from gptlab.cli import main
 from gptlab.config import TokenizerConfig
 from gptlab.export import export_gguf
+from gptlab.runs import load_run
 from gptlab.tokenizer import train_tokenizer
-from gptlab.train import load_run
 
 gguf = pytest.importorskip("gguf")
 

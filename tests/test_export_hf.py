@@ -12,8 +12,8 @@ from gptlab.config import SampleConfig, TokenizerConfig
 from gptlab.errors import GptlabError
 from gptlab.export import export_hf
 from gptlab.generate import generate
+from gptlab.runs import load_run
 from gptlab.tokenizer import train_tokenizer
-from gptlab.train import load_run
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,8 +13,8 @@ from gptlab.config import SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.export import export_hf, import_hf
 from gptlab.generate import generate
+from gptlab.runs import load_run
 from gptlab.tokenizer import load_tokenizer
-from gptlab.train import load_run
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()  # save_pretrained's bars would mix into the CLI's stderr

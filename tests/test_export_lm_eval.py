@@ -59,7 +59,7 @@ def test_lm_eval_hellaswag_matches_gptlab(make_export_run, tmp_path):
 
     from gptlab.evaluate import load_hellaswag, score_hellaswag
     from gptlab.export import export_hf
-    from gptlab.train import load_run
+    from gptlab.runs import load_run
 
     run = make_export_run("llama-gqa-untied", norm="rmsnorm", position="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=False)
     export_hf(run, tmp_path / "hf")

@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 
 from gptlab.config import SourceConfig, TextConfig
 from gptlab.errors import GptlabError
-from gptlab.text import iter_documents, iter_source_documents, resolve_source_files, source_format, source_label
+from gptlab.text import (
+    iter_documents,
+    iter_source_documents,
+    resolve_source_files,
+    source_format,
+    source_label,
+)
 from gptlab.text import sources as sources_module
 
 EOT = "<|endoftext|>"

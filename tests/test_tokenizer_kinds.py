@@ -7,7 +7,13 @@ import pytest
 
 from gptlab.config import TokenizerConfig
 from gptlab.errors import GptlabError
-from gptlab.tokenizer import MAX_VOCAB, KINDS, Tokenizer, load_tokenizer, train_tokenizer
+from gptlab.tokenizer import (
+    KINDS,
+    MAX_VOCAB,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 TEXT = "Once upon a time, Lily found a red ball.\nShe was very happy!  \"Vroom!\" said Ben."
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+import gptlab.device as dev
 import gptlab.model.gpt as gpt
-import gptlab.train.device as dev
 from gptlab.cli import main
 from gptlab.config import ModelConfig
 from gptlab.model import GPT

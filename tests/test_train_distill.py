@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import read_metrics
+from helpers import tiny_config as config  # the student: 2 x 32, context 32
 
 from gptlab.errors import GptlabError
-from gptlab.train import load_run, train
-from test_train_trainer import read_metrics, tiny_config as config  # the student: 2 x 32, context 32
+from gptlab.runs import load_run
+from gptlab.train import train
 
 
 def losses(run_dir) -> list[float]:

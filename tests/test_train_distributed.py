@@ -28,9 +28,8 @@ import torch
 from gptlab.cli import main
 from gptlab.config import load_config
 from gptlab.errors import GptlabError
-from gptlab.train import load_run, train
-from gptlab.train.checkpoint import checkpoint_dirs
-from gptlab.train import distributed
+from gptlab.runs import checkpoint_dirs, load_run
+from gptlab.train import distributed, train
 from gptlab.train.distributed import check_config, torchrun_command
 
 STEPS = 20

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptlab import device as dev
 from gptlab.config import ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.train import device as dev
 from gptlab.train.optim import build_optimizer, learning_rate
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from gptlab.cli import main
 from gptlab.evaluate import evaluate_text
-from gptlab.train import load_run
+from gptlab.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model.preset=tiny-1m", "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.context_length=32",

@@ -2,43 +2,22 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import signal
 import shutil
+import signal
 
 import pytest
 import torch
+from helpers import read_metrics, tiny_config, weights
 
 from gptlab.config import load_config
 from gptlab.errors import GptlabError
-from gptlab.train import load_run, resume_config, train
-from gptlab.train.checkpoint import checkpoint_dirs
+from gptlab.runs import checkpoint_dirs, load_run
+from gptlab.train import resume_config, train
 from gptlab.train.step import TrainStep
 from gptlab.train.trainer import Trainer
-
-
-def tiny_config(data_dir, run_dir, *extra):
-    """A 2-layer, 32-wide GPT on the tiny shards: fp32, eager, one thread, a fixed MFU peak (no measuring)."""
-    return load_config(None, [
-        f"--train.data_dir={str(data_dir)!r}", f"--train.run_dir={str(run_dir)!r}",
-        "--model.n_layer=2", "--model.d_model=32", "--model.n_head=2", "--model.context_length=32",
-        "--train.batch_size=4", "--train.max_steps=8", "--train.eval_every=4", "--train.eval_batches=2",
-        "--train.log_every=1", "--train.warmup_steps=2", "--train.lr=3e-3", "--train.min_lr=3e-4",
-        "--train.precision=fp32", "--train.compile=false", "--train.peak_flops=1e11", "--train.threads=1", *extra,
-    ])
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def weights(run_dir, which="last"):
-    model, _, _ = load_run(run_dir, which)
-    return model.state_dict()
 
 
 def test_run_directory_holds_config_tokenizer_metrics_plots_samples_and_checkpoints(tiny_shards, tmp_path):

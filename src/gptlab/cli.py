@@ -422,8 +422,9 @@ def _sample(args, overrides) -> int:
     from pathlib import Path
 
     from gptlab.config import apply_overrides, config_from_dict
+    from gptlab.device import pick_device
     from gptlab.generate import generate
-    from gptlab.train import load_run, pick_device
+    from gptlab.runs import load_run
 
     model, tokenizer, cfg = load_run(args.run, args.checkpoint, device=pick_device(_config(args, overrides).train.device))
     prompts = list(args.prompt or [])
@@ -655,9 +656,8 @@ def _add_bench_commands(sub) -> None:
 
 
 def _bench_peak(args, overrides) -> int:
+    from gptlab.device import format_peak, peak, pick_device
     from gptlab.files import atomic_write_json
-    from gptlab.train.bench import format_peak, peak
-    from gptlab.train.device import pick_device
 
     if not args.seconds > 0 or args.threads < 0:
         raise GptlabError(f"--seconds={args.seconds} --threads={args.threads}", "use --seconds > 0 and --threads >= 0")

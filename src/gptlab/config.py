@@ -10,11 +10,11 @@ config is saved next to every output so a result can always be traced back.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gptlab.errors import GptlabError

@@ -17,7 +17,14 @@ import importlib.util
 import json
 from pathlib import Path
 
-from gptlab.config import Config, SourceConfig, apply_overrides, config_from_dict, config_to_dict, load_config
+from gptlab.config import (
+    Config,
+    SourceConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
 from gptlab.errors import GptlabError
 
 # The demo: a ~1M-parameter GPT (tiny-1m: 4 layers x 128) and a 2,048-token byte-level BPE, sized so that
@@ -87,8 +94,8 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, progress: b
 def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     """Run every stage not yet done for `cfg`; returns {"train": summary, "samples": [...]}."""
     from gptlab.data import prepare_data
+    from gptlab.runs import checkpoint_dirs
     from gptlab.train import train
-    from gptlab.train.checkpoint import checkpoint_dirs
 
     run_dir, data_dir = Path(cfg.train.run_dir), Path(cfg.data.out_dir)
     cfg.train.data_dir = str(data_dir)
@@ -120,8 +127,9 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
 def sample_run(run_dir: Path, cfg: Config, stream: bool = True) -> list[str]:
     """cfg.sample.num_samples samples per prompt of cfg.sample.prompts from the run's best checkpoint,
     printed (streamed as they come when there is one per prompt) and appended to samples.md."""
+    from gptlab.device import pick_device
     from gptlab.generate import generate
-    from gptlab.train import load_run, pick_device
+    from gptlab.runs import load_run
     from gptlab.train.metrics import append_sample
 
     model, tokenizer, _ = load_run(run_dir, "best", device=pick_device(cfg.train.device))
@@ -199,6 +207,6 @@ def _finished_summary(run_dir: Path) -> dict | None:
 
 
 def _last_step(run_dir: Path) -> int:
-    from gptlab.train.checkpoint import find_checkpoint, read_info
+    from gptlab.runs import find_checkpoint, read_info
 
     return read_info(find_checkpoint(run_dir, "last"))["step"]

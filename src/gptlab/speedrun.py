@@ -30,8 +30,8 @@ def speedrun(cfg: Config, progress: bool = True) -> dict:
     from gptlab.data import prepare_data
     from gptlab.evaluate import evaluate_text
     from gptlab.quickstart import _tokenizer_stage
-    from gptlab.train import load_run, train
-    from gptlab.train.checkpoint import checkpoint_dirs
+    from gptlab.runs import checkpoint_dirs, load_run
+    from gptlab.train import train
 
     score_file = _score_file(cfg)
     if not cfg.train.max_time:

@@ -44,10 +44,23 @@ from tqdm import tqdm
 import gptlab
 from gptlab.config import Config, SourceConfig, save_config
 from gptlab.data.meta import META_FILE, PROGRESS_FILE, load_meta
-from gptlab.data.shards import HEADER_BYTES, MAX_SHARD_TOKENS, make_header, read_header, token_dtype
+from gptlab.data.shards import (
+    HEADER_BYTES,
+    MAX_SHARD_TOKENS,
+    make_header,
+    read_header,
+    token_dtype,
+)
+from gptlab.device import cpu_count
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_bytes, atomic_write_json
-from gptlab.text import Normalizer, iter_source_documents, resolve_source_files, source_format, source_label
+from gptlab.text import (
+    Normalizer,
+    iter_source_documents,
+    resolve_source_files,
+    source_format,
+    source_label,
+)
 from gptlab.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 1  # of the folder layout and the progress file; part of the fingerprint
@@ -177,10 +190,6 @@ def _ordered_map(pool, fn, tasks: Iterator, max_pending: int) -> Iterator:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- writing shards

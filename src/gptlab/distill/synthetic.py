@@ -23,15 +23,15 @@ from tqdm.auto import tqdm
 from gptlab.config import DistillConfig
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json
+from gptlab.runs import CHECKPOINTS, INFO
 from gptlab.text.sources import HF_PREFIX, check_hub_reachable
-from gptlab.train.checkpoint import CHECKPOINTS, INFO
 
 
 class GptlabTeacher:
     """A gptlab run (or one of its checkpoints) sampled with gptlab's own KV-cache generator."""
 
     def __init__(self, run: str | Path, device: torch.device):
-        from gptlab.train import load_run
+        from gptlab.runs import load_run
 
         self.name, self.device = str(run), device
         self.model, self.tokenizer, _ = load_run(run, device=device)

@@ -14,7 +14,12 @@ from gptlab.evaluate.compare import compare_runs, plot_run, read_metrics, run_su
 from gptlab.evaluate.hellaswag import HellaSwagItem, load_hellaswag, score_hellaswag
 from gptlab.evaluate.report import evaluate_run, format_report
 from gptlab.evaluate.scoring import StreamScore, score_stream, start_token
-from gptlab.evaluate.texts import evaluate_data, evaluate_source, evaluate_split, evaluate_text
+from gptlab.evaluate.texts import (
+    evaluate_data,
+    evaluate_source,
+    evaluate_split,
+    evaluate_text,
+)
 
 __all__ = [
     "HellaSwagItem",

@@ -233,8 +233,8 @@ def score_hellaswag(
     share_context (a gptlab GPT only): each context runs once for its 4 endings (KV cache); otherwise
     each context + ending is its own row. Both give the same log-probabilities.
     """
+    from gptlab.device import autocast
     from gptlab.model import GPT
-    from gptlab.train.device import autocast
 
     if not items:
         raise GptlabError("no HellaSwag items to score", "give a file with at least one item")

@@ -23,9 +23,8 @@ EVAL_MD = "eval.md"
 
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress: bool = True, write: bool = True) -> dict:
     """Evaluate a run's best (or last) checkpoint; writes RUN/eval.json and RUN/eval.md; returns the report."""
-    from gptlab.train import find_checkpoint, load_run, pick_device, pick_precision
-    from gptlab.train.checkpoint import read_info, run_dir_of
-    from gptlab.train.device import set_threads
+    from gptlab.device import pick_device, pick_precision, set_threads
+    from gptlab.runs import find_checkpoint, load_run, read_info, run_dir_of
 
     cfg = cfg or EvalConfig()
     device = pick_device(cfg.device)

@@ -101,7 +101,7 @@ def score_stream(
     name: str = "text",
 ) -> StreamScore:
     """Score every token of `tokens` (1-D ints) in consecutive windows; see the module docstring."""
-    from gptlab.train.device import autocast
+    from gptlab.device import autocast
 
     T = context_length or model.cfg.context_length
     tokens = np.asarray(tokens, dtype=np.int64)

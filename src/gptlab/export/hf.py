@@ -26,12 +26,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from gptlab.config import Config, SampleConfig, TokenizerConfig, TrainConfig, config_to_dict, save_config
+from gptlab.config import (
+    Config,
+    SampleConfig,
+    TokenizerConfig,
+    TrainConfig,
+    config_to_dict,
+    save_config,
+)
 from gptlab.errors import GptlabError
 from gptlab.export.card import model_card
 from gptlab.export.families import GPT2, Family, family_for, family_of_hf
 from gptlab.export.folders import building, check_free
-from gptlab.export.hf_tokenizer import hf_tokenizer_files, special_token_ids, tokenizer_from_hf
+from gptlab.export.hf_tokenizer import (
+    hf_tokenizer_files,
+    special_token_ids,
+    tokenizer_from_hf,
+)
 from gptlab.files import atomic_write_json, atomic_write_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,7 +50,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_for_export(run: str | Path, which: str = "best"):
     """(model, tokenizer, config, checkpoint folder, its checkpoint.json) of a trained run."""
-    from gptlab.train.checkpoint import find_checkpoint, load_run, read_info, run_dir_of
+    from gptlab.runs import find_checkpoint, load_run, read_info, run_dir_of
 
     checkpoint = find_checkpoint(run, which)
     run_dir = run_dir_of(checkpoint)

@@ -1,5 +1,11 @@
 """The generate stage: text from a trained GPT (batched prompts, KV cache, streaming, best-of-N)."""
 
-from gptlab.generate.sampling import filter_logits, generate, next_token, prompt_ids, sample_tokens
+from gptlab.generate.sampling import (
+    filter_logits,
+    generate,
+    next_token,
+    prompt_ids,
+    sample_tokens,
+)
 
 __all__ = ["filter_logits", "generate", "next_token", "prompt_ids", "sample_tokens"]

@@ -18,6 +18,7 @@ import torch
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 
+
 def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None) -> int:
     """Bytes of activations autograd keeps for backward in one step (an estimate, see the module docstring).
 

@@ -17,7 +17,12 @@ or JSON around the serialized model for sentencepiece.
 from gptlab.tokenizer.base import MAX_VOCAB, SpecialTokens, Tokenizer
 from gptlab.tokenizer.bytelevel import ByteLevelBPETokenizer, GPT2Tokenizer
 from gptlab.tokenizer.char import CharTokenizer
-from gptlab.tokenizer.io import KINDS, load_tokenizer, tokenizer_from_json, train_tokenizer
+from gptlab.tokenizer.io import (
+    KINDS,
+    load_tokenizer,
+    tokenizer_from_json,
+    train_tokenizer,
+)
 from gptlab.tokenizer.spm import SentencePieceTokenizer
 
 __all__ = [

@@ -22,7 +22,12 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gptlab.config import TokenizerConfig
 from gptlab.errors import GptlabError
-from gptlab.tokenizer.base import CorpusSample, SpecialTokens, Tokenizer, check_vocab_size
+from gptlab.tokenizer.base import (
+    CorpusSample,
+    SpecialTokens,
+    Tokenizer,
+    check_vocab_size,
+)
 
 # GPT-2's pre-tokenisation regex, as tiktoken spells it; `tokenizers`' ByteLevel(use_regex=True) uses the same.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""

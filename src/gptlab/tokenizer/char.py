@@ -17,9 +17,8 @@ import json
 from functools import cached_property
 
 import numpy as np
-from tokenizers import Regex
+from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from gptlab.config import TokenizerConfig
 from gptlab.errors import GptlabError

@@ -22,7 +22,12 @@ import sentencepiece as spm
 
 from gptlab.config import TokenizerConfig
 from gptlab.errors import GptlabError
-from gptlab.tokenizer.base import CorpusSample, SpecialTokens, Tokenizer, check_vocab_size
+from gptlab.tokenizer.base import (
+    CorpusSample,
+    SpecialTokens,
+    Tokenizer,
+    check_vocab_size,
+)
 
 UNK = "<unk>"  # SentencePiece requires one; byte fallback means encode never produces it
 

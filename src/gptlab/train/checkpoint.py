@@ -1,4 +1,4 @@
-"""Checkpoints in a run directory, and loading a trained run back.
+"""Writing checkpoints into a run directory (reading them back is gptlab.runs).
 
     runs/NAME/checkpoints/step_0001200/
         model.safetensors   weights (tied embeddings stored once)
@@ -36,26 +36,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from gptlab.config import ModelConfig, load_config
-from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json
-
-CHECKPOINTS = "checkpoints"
-BEST = "best.json"
-WEIGHTS = "model.safetensors"
-STATE = "state.pt"
-INFO = "checkpoint.json"
-SHARDED = "dcp"
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if (p / INFO).is_file())
+from gptlab.runs import (
+    BEST,
+    CHECKPOINTS,
+    INFO,
+    SHARDED,
+    STATE,
+    WEIGHTS,
+    best_checkpoint,
+    checkpoint_dirs,
+    unique_tensors,
+)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, info: dict) -> Path:
@@ -115,7 +109,11 @@ def save_sharded(run_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step_{step:07d}"
@@ -160,7 +158,10 @@ def load_sharded(checkpoint: Path, model: torch.nn.Module, optimizer) -> None:
 def load_full_optimizer(model: torch.nn.Module, optimizer, saved: dict) -> None:
     """A single-process checkpoint's optimizer state (torch's own, keyed by position) into an optimizer
     over sharded parameters: keyed by parameter name, then split by set_optimizer_state_dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
 
     optimizers = _optimizers(optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -176,85 +177,11 @@ def mark_best(run_dir: str | Path, checkpoint: Path, val_loss: float) -> None:
     atomic_write_json(Path(run_dir) / CHECKPOINTS / BEST, {"checkpoint": checkpoint.name, "val_loss": val_loss})
 
 
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / CHECKPOINTS / BEST
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / json.loads(pointer.read_text())["checkpoint"]
-    return path if (path / INFO).is_file() else None
-
-
 def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
     best = best_checkpoint(run_dir)
     for old in checkpoint_dirs(run_dir)[:-keep_last]:
         if old != best:
             shutil.rmtree(old)
-
-
-def find_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint folder from a run folder (its best or last) or from a checkpoint folder itself."""
-    path = Path(path)
-    if (path / INFO).is_file():
-        return path
-    if not path.is_dir():
-        raise GptlabError(f"run directory not found: {path}", "check the path (runs are written by gptlab train)")
-    ckpts = checkpoint_dirs(path)
-    if not ckpts:
-        raise GptlabError(f"{path} holds no checkpoint", "train it first with gptlab train (a checkpoint is written at every evaluation)")
-    if which == "best":
-        return best_checkpoint(path) or ckpts[-1]
-    if which == "last":
-        return ckpts[-1]
-    raise GptlabError(f"unknown checkpoint choice {which!r}", "use best or last")
-
-
-def read_info(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / INFO).read_text(encoding="utf-8"))
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent
-
-
-def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each shared tensor once (a tied output matrix is the embedding's)."""
-    seen, out = set(), {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            out[name] = tensor.detach().contiguous()
-    return out
-
-
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    path = checkpoint / WEIGHTS
-    device = next(model.parameters()).device
-    model.load_weights(load_file(str(path), device=str(device)), source=str(path))
-
-
-def load_state(checkpoint: Path, device: torch.device) -> dict:
-    return torch.load(checkpoint / STATE, map_location=device, weights_only=True)
-
-
-def model_config_diff(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("dropout", "attention")) -> list[str]:
-    """`model.key saved -> wanted` for every key that changes the weights' meaning or shape."""
-    keys = sorted((set(saved) | set(wanted)) - set(ignore) - {"preset"})
-    return [f"model.{k} {saved.get(k)} -> {wanted.get(k)}" for k in keys if saved.get(k) != wanted.get(k)]
-
-
-def load_run(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, config) of a trained run; `run_dir` may also be a checkpoint folder."""
-    from gptlab.model import build_model
-    from gptlab.tokenizer import load_tokenizer
-
-    checkpoint = find_checkpoint(run_dir, which)
-    run = run_dir_of(checkpoint)
-    cfg = load_config(run / "config.toml")
-    cfg.model = ModelConfig.model_validate(read_info(checkpoint)["model"])
-    tokenizer = load_tokenizer(run / "tokenizer.json")
-    model = build_model(cfg.model).to(device)
-    load_weights(model, checkpoint)
-    return model.eval(), tokenizer, cfg
 
 
 # --------------------------------------------------------------------------- RNG state, weights_only-safe

@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: a checkpoint's collectives failed
+from torch.distributed.checkpoint.api import (
+    CheckpointException,  # a BaseException: a checkpoint's collectives failed
+)
 
 from gptlab.config import Config, TrainConfig, save_config
 from gptlab.errors import GptlabError
@@ -93,7 +95,7 @@ def process_group(cfg: TrainConfig):
     if not launched_by_torchrun():
         yield None
         return
-    from gptlab.train.device import pick_device
+    from gptlab.device import pick_device
 
     rank, local_rank, world = (int(os.environ[name]) for name in ENV)
     check_config(cfg, world)

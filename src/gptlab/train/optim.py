@@ -35,7 +35,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     )
     if not muon:
         return adamw
-    from gptlab.train.device import cpu_has_fast_bf16
+    from gptlab.device import cpu_has_fast_bf16
 
     fast_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16())
     return Optimizers(adamw, Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 from torch.profiler import record_function
 
-from gptlab.train.device import autocast
+from gptlab.device import autocast
 
 
 class TrainStep:

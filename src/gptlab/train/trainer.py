@@ -39,15 +39,22 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
+from gptlab import runs
 from gptlab.config import Config, ModelConfig, config_to_dict, load_config, save_config
 from gptlab.data.prepare import cpu_count
+from gptlab.device import (
+    DTYPES,
+    autocast,
+    peak_flops,
+    pick_compile,
+    pick_device,
+    pick_precision,
+    set_threads,
+)
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
-from gptlab.train.device import (
-    DTYPES, autocast, peak_flops, pick_compile, pick_device, pick_precision, set_threads,
-)
 from gptlab.train.metrics import MetricsLog, append_sample
 from gptlab.train.optim import build_optimizer, learning_rate
 from gptlab.train.step import Teacher, TrainStep
@@ -74,7 +81,7 @@ def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] |
     threads, trainer = torch.get_num_threads(), None
     try:
         with distributed.process_group(cfg.train) as dist:
-            if dist and dist.restart and not resume and ckpt.checkpoint_dirs(cfg.train.run_dir):
+            if dist and dist.restart and not resume and runs.checkpoint_dirs(cfg.train.run_dir):
                 resume = True
             try:
                 trainer = Trainer(cfg, resume, verbose, dist)
@@ -144,8 +151,8 @@ class Trainer:
         # Weights from a single-process checkpoint go in before the model is spread over the ranks.
         weights_from = init_from or (resume_from if resume_from and not ckpt.is_sharded(resume_from) else None)
         if weights_from:
-            ckpt.load_weights(self.model, weights_from)
-        self.weight_names = list(ckpt.unique_tensors(self.model))  # what model.safetensors keeps
+            runs.load_weights(self.model, weights_from)
+        self.weight_names = list(runs.unique_tensors(self.model))  # what model.safetensors keeps
         self.flops_per_token = self.model.flops_per_token()
         # self.model is the GPT (sharded in place under FSDP); self.wrapped is what the training step runs.
         self.wrapped = distributed.wrap(self.model, dist, self.precision) if dist else self.model
@@ -190,7 +197,7 @@ class Trainer:
     # ------------------------------------------------------------------ checks before anything runs
 
     def _check_fresh_run_dir(self) -> None:
-        existing = ckpt.checkpoint_dirs(self.run_dir)
+        existing = runs.checkpoint_dirs(self.run_dir)
         if existing:
             raise GptlabError(
                 f"{self.run_dir} already holds a run (last checkpoint {existing[-1].name})",
@@ -200,7 +207,7 @@ class Trainer:
     def _resume_checkpoint(self) -> Path:
         if not self.run_dir.is_dir():
             raise GptlabError(f"run directory not found: {self.run_dir}", "check the path given to --resume")
-        found = ckpt.checkpoint_dirs(self.run_dir)
+        found = runs.checkpoint_dirs(self.run_dir)
         if not found:
             raise GptlabError(f"{self.run_dir} has no checkpoint to resume from",
                               "start it again without --resume (a checkpoint is written at every evaluation)")
@@ -208,7 +215,7 @@ class Trainer:
 
     def _load_teacher(self) -> Teacher:
         t = self.cfg.train
-        model, tokenizer, _ = ckpt.load_run(t.teacher, device=self.device)
+        model, tokenizer, _ = runs.load_run(t.teacher, device=self.device)
         if tokenizer.checksum != self.tokenizer.checksum:
             raise GptlabError(f"train.teacher={t.teacher} has another tokenizer than the shards in {self.data_dir}",
                               "logit distillation needs one tokenizer; with another, let the teacher write a corpus "
@@ -220,18 +227,18 @@ class Trainer:
         return Teacher(model, t.distill_weight, t.distill_temperature)
 
     def _init_from_checkpoint(self) -> Path:
-        source = ckpt.find_checkpoint(self.cfg.train.init_from, "best")
-        made_with = ckpt.read_info(source).get("tokenizer_checksum")
+        source = runs.find_checkpoint(self.cfg.train.init_from, "best")
+        made_with = runs.read_info(source).get("tokenizer_checksum")
         if made_with != self.tokenizer.checksum:
             raise GptlabError(
                 f"train.init_from={self.cfg.train.init_from} was trained with another tokenizer than the shards in {self.data_dir}",
-                f"prepare the new data with {ckpt.run_dir_of(source) / 'tokenizer.json'} (gptlab data prepare)",
+                f"prepare the new data with {runs.run_dir_of(source) / 'tokenizer.json'} (gptlab data prepare)",
             )
         return source
 
     def _check_resumable(self, checkpoint: Path) -> None:
-        info = ckpt.read_info(checkpoint)
-        changed = ckpt.model_config_diff(info["model"], config_to_dict(self.cfg.model))
+        info = runs.read_info(checkpoint)
+        changed = runs.model_config_diff(info["model"], config_to_dict(self.cfg.model))
         if changed:
             raise GptlabError(f"checkpoint {checkpoint} is another architecture: {', '.join(changed)}",
                               "resume with the run's own [model] settings, or start a new run with train.init_from")
@@ -281,7 +288,7 @@ class Trainer:
         Every rank loads the same state.pt (rank 0's RNGs and counters); the model and optimizer come from
         the dcp/ shards of a distributed checkpoint, or from a single-process one's files.
         """
-        state = ckpt.load_state(checkpoint, self.device)
+        state = runs.load_state(checkpoint, self.device)
         if ckpt.is_sharded(checkpoint):
             ckpt.load_sharded(checkpoint, self.wrapped, self.optimizer)
         elif self.dist and self.dist.mode == "fsdp":  # the weights went in before sharding; now the optimizer
@@ -527,7 +534,10 @@ class Trainer:
         (a collective: every rank calls this)."""
         if not (self.dist and self.dist.mode == "fsdp"):
             return self.model if self.main else None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         from gptlab.model import build_model
 
@@ -540,7 +550,7 @@ class Trainer:
 
     def _finish(self, stopped: str) -> dict:
         rows = [r for r in self.metrics.rows if r.get("loss") not in ("", None)]
-        best = ckpt.best_checkpoint(self.run_dir)
+        best = runs.best_checkpoint(self.run_dir)
         summary = {
             "run_dir": str(self.run_dir), "stopped": stopped, "steps": self.step, "tokens": self.tokens,
             "elapsed": round(self.elapsed, 2), "train_loss": float(rows[-1]["loss"]) if rows else None,
@@ -682,7 +692,7 @@ def _model_config_for(model: ModelConfig, tokenizer, init_from: Path | None) -> 
     from gptlab.model import check_vocab
 
     if init_from:  # continuing a trained model: its architecture, whatever [model] says
-        model = ModelConfig.model_validate(ckpt.read_info(init_from)["model"])
+        model = ModelConfig.model_validate(runs.read_info(init_from)["model"])
     return check_vocab(model, tokenizer)
 
 
