@@ -229,6 +229,8 @@ def plot_comparison(runs: list[dict], path: Path, x: str = "tokens") -> None:
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """One figure (RUN/plot.png): loss and validation loss, learning rate, gradient norm and tokens/s
     against the step, with the step where validation loss stopped improving marked on every panel."""
+    from matplotlib.ticker import FuncFormatter
+
     plt = _pyplot()
     run = Path(run_dir)
     rows = read_metrics(run)
@@ -247,6 +249,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     speed_ax.plot(*series(rows, "tokens_per_s"))
     speed_ax.set_ylabel("tokens/s")
     speed_ax.set_xlabel("step")
+    speed_ax.xaxis.set_major_formatter(FuncFormatter(short_number))  # shared by every panel
     if best is not None:
         for ax in axes:
             ax.axvline(best["step"], color="tab:red", linestyle="--", linewidth=1)
