@@ -78,9 +78,9 @@ def absolute_paths(cfg: Config) -> Config:
 
 def save_run_config(cfg: Config, run_dir: str | Path) -> None:
     """RUN/config.toml: cfg with absolute paths and train.run_dir = run_dir, as load_run_config reads it back."""
-    cfg = cfg.model_copy(deep=True)
-    cfg.train.run_dir = str(run_dir)
-    save_config(absolute_paths(cfg), Path(run_dir) / CONFIG)
+    cfg = absolute_paths(cfg)
+    cfg.train.run_dir = os.path.abspath(run_dir)
+    save_config(cfg, Path(run_dir) / CONFIG)
 
 
 def _exists(path: str) -> bool:
@@ -184,9 +184,10 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
     from gptlab.tokenizer import load_tokenizer
 
     checkpoint = find_checkpoint(run_dir, which)
-    cfg = load_run_config(run_dir_of(checkpoint))
+    run = run_dir_of(checkpoint)
+    cfg = load_run_config(run)
     cfg.model = ModelConfig.model_validate(read_info(checkpoint)["model"])
-    tokenizer = load_tokenizer(run_dir_of(checkpoint) / "tokenizer.json")
+    tokenizer = load_tokenizer(run / "tokenizer.json")
     model = build_model(cfg.model).to(device)
     load_weights(model, checkpoint)
     return model.eval(), tokenizer, cfg

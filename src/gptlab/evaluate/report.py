@@ -135,8 +135,9 @@ def format_report(report: dict) -> str:
              f"{report['settings']['device']}, {report['settings']['precision']}.", ""]
     lines += [f"Note: {note}." for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
     ks = [k for k in report["datasets"][0]["topk"]] if report["datasets"] else []
-    lines += [] if not report["datasets"] else ["| data | bits per byte | loss | perplexity | tokens | bytes | " + " | ".join(f"top-{k}" for k in ks) + " |",
-              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ks)]
+    if report["datasets"]:
+        lines += ["| data | bits per byte | loss | perplexity | tokens | bytes | " + " | ".join(f"top-{k}" for k in ks) + " |",
+                  "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ks)]
     for d in report["datasets"]:
         bytes_ = f"{d['bytes']:,}" + (" (est.)" if d.get("bytes_estimated") else "") if d["bytes"] else ""
         lines.append(f"| {d['name']} | **{_num(d['bpb'])}** | {_num(d['loss'])} | {_num(d['perplexity'], 2)} | "
