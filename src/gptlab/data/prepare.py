@@ -472,9 +472,9 @@ class Preparation:
             if count < enough:
                 self.tail_sources.add(i)
                 whose = "its text" if count == 1 else f"each of its {count} documents' text"
-                self._log(f"{source_label(source)}: {count} document{'s' if count > 1 else ''}, too few to draw "
-                          f"{self.data.val_fraction:.0%} of them for validation (at least {enough} are needed); the last "
-                          f"{self.data.val_fraction:.0%} of {whose} (cut at a paragraph or line) is the validation split")
+                self._log(f"{source_label(source)}: {count} document{'s' if count > 1 else ''}, too few to hold "
+                          f"{self.data.val_fraction:.0%} of them out for validation (that needs {enough}); the last "
+                          f"{self.data.val_fraction:.0%} of {whose}, from a paragraph or line break on, is the validation split instead")
 
     def _chunks(self) -> Iterator[Chunk]:
         """The corpus as chunks, from the saved position on; stops reading a source once its limit is reached."""
