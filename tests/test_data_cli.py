@@ -128,3 +128,17 @@ def test_prepare_warns_when_a_split_is_shorter_than_a_window(tmp_path, tiny_corp
     assert main([*args, "--data.val_fraction=0.25", "--model.context_length=1000"]) == 0
     err = capsys.readouterr().err
     assert "warning: split val has" in err and "fewer than one window of 1001" in err and "split train" not in err
+
+
+@pytest.mark.parametrize("book", ["tinyshakespeare.txt", "meditations.txt"])
+def test_prepare_a_plain_book_with_the_defaults(shared_data, tmp_path, tiny_tokenizer, capsys, book):
+    """nanoGPT's first workflow: one text file, no settings. Its tail is the validation split, said in one line."""
+    out = tmp_path / "data"
+    assert main(["data", "prepare", "--data", str(shared_data / book), "--tokenizer", str(tiny_tokenizer),
+                 "--out", str(out), "--data.workers=1"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "too few" in line]
+    assert len(said) == 1 and f"{book}: 1 document" in said[0] and "validation split" in said[0]
+    meta = json.loads((out / "meta.json").read_text())
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert meta["sources"][0]["val_split"] == "tail" and train["documents"] == val["documents"] == 1
+    assert 0.1 <= val["bytes"] / (train["bytes"] + val["bytes"]) <= 0.15

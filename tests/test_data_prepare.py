@@ -266,6 +266,39 @@ def test_changed_config_restarts_clean(tmp_path, corpus, tiny_tokenizer, monkeyp
     assert output_files(out) == output_files(tmp_path / "clean")
 
 
+# --------------------------------------------------------------------------- a source of few documents
+
+
+BOOK = "\n\n".join(f"CHAPTER {i}.\n" + "\n".join(random.Random(i).sample(SENTENCES, 4)) for i in range(40))
+
+
+def test_a_single_document_holds_out_its_tail(tmp_path, tiny_tokenizer, tokenizer, capsys):
+    """A plain book (no separator: one document) with the defaults: its last ~10%, from a paragraph on, is validation."""
+    (tmp_path / "book.txt").write_text(BOOK + "\n", encoding="utf-8")
+    meta = prepare_data(config(tmp_path / "out", [tmp_path / "book.txt"]), tiny_tokenizer, progress=True)
+    (head,), (tail,) = shard_docs(tmp_path / "out", "train", tokenizer), shard_docs(tmp_path / "out", "val", tokenizer)
+    assert BOOK.startswith(head + "\n\n") and BOOK.endswith("\n\n" + tail)  # cut where a paragraph starts
+    assert tail.startswith("CHAPTER") and 0.1 <= len(tail) / len(BOOK) <= 0.15
+    assert meta["sources"][0]["val_split"] == "tail" and meta["splits"]["val"]["documents"] == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if "too few" in line]
+    assert len(said) == 1 and "book.txt: 1 document, too few" in said[0] and "last 10% of its text" in said[0]
+
+
+def test_few_documents_hold_out_each_tail_and_many_are_drawn(tmp_path, tiny_tokenizer, tokenizer):
+    """Three chapters (too few to draw from) beside 300 stories (drawn by hash); a weight repeats the heads only."""
+    chapters = BOOK.split("\n\nCHAPTER 1")[:3]  # chapters 0, 10-19, 1.. : three long documents
+    (tmp_path / "book.txt").write_text("".join(f"{c}\n<|endoftext|>\n" for c in chapters), encoding="utf-8")
+    docs = write_corpus(tmp_path / "stories.txt", 300)
+    meta = prepare_data(config(tmp_path / "out", [{"path": str(tmp_path / "book.txt"), "weight": 2}, tmp_path / "stories.txt"]),
+                        tiny_tokenizer)
+    assert [s["val_split"] for s in meta["sources"]] == ["tail", "documents"]
+    book = meta["sources"][0]
+    assert book["val"]["documents"] == 3 and book["train"]["documents"] == 6  # three heads, read twice
+    val = shard_docs(tmp_path / "out", "val", tokenizer)
+    assert all(any(c.endswith(v) for c in chapters) for v in val[:3])
+    assert 0 < len(val[3:]) < 300 and set(val[3:]) <= set(docs)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

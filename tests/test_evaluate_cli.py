@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from helpers import OFFICIAL, PREPROCESSED, write_jsonl
+from helpers import OFFICIAL, PREPROCESSED, TINY_STORIES, write_jsonl
 
 from gptlab.cli import main
 from gptlab.evaluate import read_metrics
@@ -121,3 +121,70 @@ def test_plot_of_an_overfitting_run(tmp_path):
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     result = plot_run(run)
     assert result["best_step"] == 30 and result["best_val_loss"] == 2.2 and result["last_step"] == 60
+
+
+def test_a_text_file_scores_as_the_same_file_prepared_as_a_split(run, tmp_path):
+    """eval --data FILE reads the file as `data prepare` did for the run: its source settings (paragraphs as
+    documents), the run's normalisation (Gutenberg header and licence cut, whitespace), EOS after each document."""
+    from gptlab.config import SourceConfig
+    from gptlab.data import load_meta, prepare_data
+    from gptlab.runs import load_run_config, save_run_config
+
+    book = tmp_path / "book.txt"
+    header = "The Project Gutenberg eBook of Tales\n\nTitle: Tales\n\n*** START OF THE PROJECT GUTENBERG EBOOK TALES ***\n\n"
+    body = "\n\n".join(f"{a}   {b}\t\n{c}" for a, b, c in zip(TINY_STORIES, TINY_STORIES[1:], TINY_STORIES[2:]))
+    book.write_text(header + body + "\n\n*** END OF THE PROJECT GUTENBERG EBOOK TALES ***\n\nLicence text.\n", encoding="utf-8")
+    source = SourceConfig(path=str(book), documents="blank_lines")
+    cfg = load_run_config(run)
+    cfg.text.normalize = ["strip_gutenberg", "whitespace"]
+    cfg.data.sources = [source]
+    save_run_config(cfg, run)
+    prepared = cfg.model_copy(deep=True)
+    prepared.data.val_sources, prepared.data.out_dir, prepared.data.workers = [source], str(tmp_path / "prepared"), 1
+    prepare_data(prepared, run / "tokenizer.json")
+
+    assert main(["eval", str(run), "--data", str(book), "--data", str(tmp_path / "prepared"), "--no-samples", "-q"]) == 0
+    text, split = json.loads((run / "eval.json").read_text())["datasets"]
+    assert text["kind"] == "text" and split["kind"] == "split"
+    assert text["tokens"] == split["tokens"] and text["bytes"] == split["bytes"]
+    assert text["documents"] == load_meta(tmp_path / "prepared")["splits"]["val"]["documents"] == 4
+    assert abs(text["loss"] - split["loss"]) < 1e-6 and abs(text["bpb"] - split["bpb"]) < 1e-6
+
+
+def write_run(path, rows, summary=None):
+    """A run folder holding only metrics.csv (rows of step, tokens, loss, val_loss, tokens_per_s, elapsed)."""
+    path.mkdir()
+    lines = ["step,tokens,loss,val_loss,val_bpb,lr,grad_norm,tokens_per_s,mfu,elapsed"]
+    lines += [f"{s},{t},{loss},{'' if v is None else v},,1e-3,0.8,{speed},0.1,{e}" for s, t, loss, v, speed, e in rows]
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if summary:
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_compare_png_without_validation_has_one_panel_and_short_token_ticks(tmp_path, monkeypatch):
+    """No validation rows: no empty validation panel; 1.6M tokens: ticks like 400k, 1.2M, never 6-digit numbers run together."""
+    from gptlab.evaluate import compare as compare_module
+
+    figures = []
+    monkeypatch.setattr(compare_module, "save_figure", lambda fig, path: figures.append(fig))
+    runs = [write_run(tmp_path / f"r{k}", [(s, s * 40_000, 4 - s / 20 - k / 10, None, 9000, s) for s in range(1, 41)])
+            for k in (1, 2)]
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path)]) == 0
+    (fig,) = figures
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+    assert "no validation" in ax.get_title() and len(labels) >= 3
+    assert all(label[-1] in "kM" and len(label) <= 5 for label in labels if label != "0"), labels
+    assert "1.2M" in labels or "1.6M" in labels
+
+
+def test_compare_tokens_per_s_leaves_out_the_compile_interval(tmp_path):
+    """A compiled run's first interval holds the compilation: the overall average (in summary.json) hides it."""
+    rows = [(10, 10_000, 3.0, None, 500, 20.0)] + [(10 * i, 10_000 * i, 3.0, None, 9000 + i, 20 + i) for i in range(2, 12)]
+    run = write_run(tmp_path / "compiled", rows, {"tokens_per_s": 5238.1, "compile": True, "tokens": 110_000})
+    assert main(["compare", str(run), "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "compare.md").read_text()
+    assert "| 9,006 |" in markdown and "5,238" not in markdown  # the median of 9,002 ... 9,011
+    assert "tokens/s: steady state" in markdown

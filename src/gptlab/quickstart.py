@@ -174,14 +174,16 @@ def _tokenizer_stage(cfg: Config, run_dir: Path, data_dir: Path, say) -> Path:
 
 
 def _refuse_other_settings(cfg: Config, run_dir: Path, data_dir: Path) -> None:
-    """Never reuse a tokenizer, shards or a run made with settings other than cfg's."""
-    wanted = config_to_dict(cfg)
-    for folder, sections, what in [(data_dir, ("text", "tokenizer", "data"), "prepared"),
-                                   (run_dir, ("text", "tokenizer", "data", "model"), "trained")]:
-        saved_path = folder / "config.toml"
-        if not saved_path.is_file():
+    """Never reuse a tokenizer, shards or a run made with settings other than cfg's (paths compared absolute:
+    a run's config.toml holds them so)."""
+    from gptlab.runs import absolute_paths, load_run_config
+
+    wanted = config_to_dict(absolute_paths(cfg))
+    for folder, sections, what, read in [(data_dir, ("text", "tokenizer", "data"), "prepared", lambda: load_config(data_dir / "config.toml")),
+                                         (run_dir, ("text", "tokenizer", "data", "model"), "trained", lambda: load_run_config(run_dir))]:
+        if not (folder / "config.toml").is_file():
             continue
-        saved = config_to_dict(load_config(saved_path))
+        saved = config_to_dict(absolute_paths(read()))
         changed = [key for section in sections for key in _diff(saved.get(section, {}), wanted.get(section, {}), section)]
         if changed:
             raise GptlabError(f"{folder} was {what} with other settings ({', '.join(changed[:4])})",

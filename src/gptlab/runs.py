@@ -11,17 +11,27 @@ the trained model. Writing it is the trainer's (train/checkpoint.py); reading it
             checkpoint.json     step, tokens, val_loss, model config, tokenizer checksum
             dcp/                a distributed run's sharded model + optimizer state
         checkpoints/best.json   {"checkpoint": "step_0001000", "val_loss": ...}
+
+A run works from any folder, and after it has been moved or copied (with its data folder beside it, or
+not): its config.toml holds every path (RUN_PATHS: the data folder, init_from, teacher, the sources...)
+as an absolute path, and train.run_dir where the run was written. `load_run_config` reads each path
+back where it lies relative to the run directory now (the data travelled with the run), or, where
+nothing is there, as written (the data stayed put). Configs written before this rule (cwd-relative
+paths) read back the same way.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
 
-from gptlab.config import ModelConfig, load_config
+from gptlab.config import Config, ModelConfig, load_config, parse_override, save_config
 from gptlab.errors import GptlabError
 
 CHECKPOINTS = "checkpoints"
@@ -30,6 +40,75 @@ WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 INFO = "checkpoint.json"
 SHARDED = "dcp"
+CONFIG = "config.toml"
+
+# The config's paths, as dotted keys ("*": every item of a list). hf:NAME values are not paths.
+RUN_PATHS = ("train.data_dir", "train.init_from", "train.teacher", "data.out_dir", "data.sources.*.path",
+             "data.val_sources.*.path", "tokenizer.gpt2_dir", "eval.data.*", "eval.hellaswag")
+
+
+def _map_paths(cfg: Config, fn: Callable[[str], str], keep: Callable[[tuple[str, ...]], bool] = lambda key: False) -> Config:
+    """A copy of cfg with fn applied to every path of RUN_PATHS (not to None, "", hf:NAME, or where keep(key))."""
+    cfg = cfg.model_copy(deep=True)
+
+    def visit(node, parts: list[str], key: tuple[str, ...]):
+        head, rest = parts[0], parts[1:]
+        items = list(enumerate(node)) if head == "*" else [(head, getattr(node, head))]
+        for name, value in items:
+            here = (*key, str(name))
+            if rest:
+                visit(value, rest, here)
+            elif value and not value.startswith("hf:") and not keep(here):
+                if head == "*":
+                    node[name] = fn(value)
+                else:
+                    setattr(node, head, fn(value))
+
+    for dotted in RUN_PATHS:
+        visit(cfg, dotted.split("."), ())
+    return cfg
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """A copy of cfg whose paths (RUN_PATHS and train.run_dir) are absolute: where they lead from this folder."""
+    cfg = _map_paths(cfg, lambda p: os.path.abspath(os.path.expanduser(p)))
+    cfg.train.run_dir = os.path.abspath(cfg.train.run_dir)
+    return cfg
+
+
+def save_run_config(cfg: Config, run_dir: str | Path) -> None:
+    """RUN/config.toml: cfg with absolute paths and train.run_dir = run_dir, as load_run_config reads it back."""
+    cfg = absolute_paths(cfg)
+    cfg.train.run_dir = os.path.abspath(run_dir)
+    save_config(cfg, Path(run_dir) / CONFIG)
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path) or (any(c in path for c in "*?[") and bool(glob.glob(path, recursive=True)))
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """The config a run was trained with, its paths found again wherever the run is now (module docstring);
+    train.run_dir = run_dir. Overrides (dotted, as on the command line) apply on top, their paths as given."""
+    run = Path(run_dir)
+    if not (run / CONFIG).is_file():
+        raise GptlabError(f"{run} is not a gptlab run (it has no {CONFIG})", "give the folder that gptlab train wrote")
+    overrides = overrides or []
+    cfg = load_config(run / CONFIG, overrides)
+    written_at = os.path.expanduser(cfg.train.run_dir)
+    overridden = [tuple(parse_override(arg)[0]) for arg in overrides]
+
+    def find(path: str) -> str:
+        path = os.path.expanduser(path)
+        try:
+            moved = os.path.normpath(os.path.join(run, os.path.relpath(path, written_at)))
+        except ValueError:  # another drive (Windows): it cannot have moved with the run
+            return path
+        return moved if _exists(moved) else path
+
+    cfg = _map_paths(cfg, find, keep=lambda key: any(key[: len(o)] == o for o in overridden))
+    cfg.train.run_dir = str(run)
+    return cfg
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -106,7 +185,7 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
 
     checkpoint = find_checkpoint(run_dir, which)
     run = run_dir_of(checkpoint)
-    cfg = load_config(run / "config.toml")
+    cfg = load_run_config(run)
     cfg.model = ModelConfig.model_validate(read_info(checkpoint)["model"])
     tokenizer = load_tokenizer(run / "tokenizer.json")
     model = build_model(cfg.model).to(device)

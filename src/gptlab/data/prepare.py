@@ -8,6 +8,13 @@ stays flat however large it is:
                                                  the split, encode,
                                                  add BOS/EOS
 
+Validation is held out by document: a document goes to validation when its keyed hash falls below
+data.val_fraction, so duplicates never straddle the splits. A training source with too few documents
+for that (fewer than MIN_VAL_DOCUMENTS / val_fraction: a book, a single text file) has the tail of each
+of its documents held out instead, val_fraction of its text cut at a paragraph or line boundary
+(nanoGPT's split of Tiny Shakespeare); one line of output says so, and meta.json's source says which
+("val_split": "documents" or "tail").
+
 Results come back in chunk order, so the output does not depend on the number
 of workers. A source with weight N is read N times; its validation documents
 are taken once. Per-source `max_tokens` counts the source's tokens (both
@@ -25,7 +32,9 @@ is written last: while it is missing the folder is not usable.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -67,6 +76,10 @@ FORMAT_VERSION = 1  # of the folder layout and the progress file; part of the fi
 CHUNK_CHARS = 1 << 20  # text per worker task
 CHECKPOINT_SECONDS = 5.0  # at most this much encoding is redone after an interruption (plus the chunks in flight)
 SPLITS = ("train", "val")
+# A source is split by document when it holds at least this many / val_fraction documents (so that about
+# this many or more are drawn for validation); below that, the tail of each of its documents is held out.
+MIN_VAL_DOCUMENTS = 10
+TAIL_BOUNDARIES = ("\n\n", "\n", " ")  # where a held-out tail may start, in order of preference
 
 
 # --------------------------------------------------------------------------- the work plan
@@ -84,7 +97,17 @@ class Reading:
 # How a worker assigns a chunk's documents to the splits.
 #   all_val: a validation source      draw: seeded per-document draw (val_fraction)
 #   all_train: no draw                drop_val: draw, then drop validation documents (a repeated reading)
-SplitRule = Literal["all_val", "all_train", "draw", "drop_val"]
+#   tail: each document's tail is validation, its head training; drop_tail: the heads only (a repeated reading)
+SplitRule = Literal["all_val", "all_train", "draw", "drop_val", "tail", "drop_tail"]
+
+
+def split_tail(doc: str, fraction: float) -> tuple[str, str]:
+    """(head, tail) of a document, the tail about `fraction` of its text (up to 1.5x that), starting at a
+    paragraph break, else a line break, else a space, else mid-word."""
+    n = len(doc)
+    target, earliest = round(n * (1 - fraction)), round(n * (1 - 1.5 * fraction))
+    cut = next((i for sep in TAIL_BOUNDARIES if (i := doc.rfind(sep, earliest, target + len(sep))) > 0), target)
+    return doc[:cut].strip(), doc[cut:].strip()
 
 
 @dataclass
@@ -120,6 +143,7 @@ class DocumentEncoder:
         # text always lands in the same split (duplicates never straddle), whatever the order.
         self.key = str(cfg.data.seed).encode()
         self.val_threshold = int(cfg.data.val_fraction * 2**64)
+        self.val_fraction = cfg.data.val_fraction
         self._tokenizer = None
 
     def __getstate__(self):
@@ -138,12 +162,17 @@ class DocumentEncoder:
     def __call__(self, chunk: Chunk) -> EncodedChunk:
         raw_bytes = sum(len(d.encode("utf-8")) for d in chunk.docs)
         docs = [d for d in (self.normalize(d).strip() for d in chunk.docs) if d]
+        if chunk.rule in ("tail", "drop_tail"):
+            halves = [(part, role == 1) for d in docs for role, part in enumerate(split_tail(d, self.val_fraction)) if part]
+            docs = [part for part, _ in halves]
         data = [d.encode("utf-8") for d in docs]
         if chunk.rule in ("draw", "drop_val"):
             is_val = np.fromiter(map(self.is_val, data), dtype=bool, count=len(data))
+        elif chunk.rule in ("tail", "drop_tail"):
+            is_val = np.array([v for _, v in halves], dtype=bool)
         else:
             is_val = np.full(len(docs), chunk.rule == "all_val")
-        if chunk.rule == "drop_val":
+        if chunk.rule in ("drop_val", "drop_tail"):
             docs = [d for d, v in zip(docs, is_val) if not v]
             data = [b for b, v in zip(data, is_val) if not v]
             is_val = np.zeros(len(docs), dtype=bool)
@@ -365,6 +394,7 @@ class Preparation:
         ]
         self.fingerprint = fingerprint(cfg, tokenizer.checksum)
         self.cut_gutenberg = "strip_gutenberg" in cfg.text.normalize
+        self.tail_sources: set[int] = set()  # training sources whose documents' tails are held out (_choose_val_split)
         self.state: dict = {}
         self.writers: dict[str, SplitWriter] = {}
 
@@ -427,7 +457,24 @@ class Preparation:
             return "all_val"
         if self.data.val_sources or self.data.val_fraction == 0:
             return "all_train"
+        if reading.source in self.tail_sources:
+            return "tail" if reading.copy == 0 else "drop_tail"
         return "draw" if reading.copy == 0 else "drop_val"
+
+    def _choose_val_split(self) -> None:
+        """Hold out the tails of a training source's documents when it has too few to draw val_fraction of them."""
+        if self.data.val_sources or self.data.val_fraction == 0:
+            return
+        enough = math.ceil(MIN_VAL_DOCUMENTS / self.data.val_fraction)
+        for i, source in enumerate(self.data.sources):
+            documents = iter_source_documents(source, strip_gutenberg=self.cut_gutenberg)
+            count = sum(1 for _ in itertools.islice(documents, enough))
+            if count < enough:
+                self.tail_sources.add(i)
+                whose = "its text" if count == 1 else f"each of its {count} documents' text"
+                self._log(f"{source_label(source)}: {count} document{'s' if count > 1 else ''}, too few to hold "
+                          f"{self.data.val_fraction:.0%} of them out for validation (that needs {enough}); the last "
+                          f"{self.data.val_fraction:.0%} of {whose}, from a paragraph or line break on, is the validation split instead")
 
     def _chunks(self) -> Iterator[Chunk]:
         """The corpus as chunks, from the saved position on; stops reading a source once its limit is reached."""
@@ -474,6 +521,7 @@ class Preparation:
     # ------------------------------------------------------------------ the run
 
     def run(self, workers: int, restart: bool = False) -> dict:
+        self._choose_val_split()
         self._open(restart)
         encoder = DocumentEncoder(
             self.tokenizer_path,
@@ -548,7 +596,7 @@ class Preparation:
         if not self.data.val_sources and self.data.val_fraction > 0 and val_tokens == 0:
             raise GptlabError(
                 f"the validation split is empty: none of the {train['documents']:,} documents was drawn "
-                f"for it with data.val_fraction={self.data.val_fraction}",
+                f"for it with data.val_fraction={self.data.val_fraction}, nor any of their tails long enough",
                 'raise data.val_fraction, add data, cut the text into more documents (documents = "blank_lines"), '
                 "or name a validation source with --val-data",
             )
@@ -583,6 +631,8 @@ class Preparation:
                 "role": "train" if i < n_train else "val",
                 "weight": src.weight if i < n_train else 1,
                 "max_tokens": src.max_tokens,
+                "val_split": None if i >= n_train or self._rule(Reading(i, "train", 0)) == "all_train"
+                else "tail" if i in self.tail_sources else "documents",
                 **state["sources"][i],
             }
             for i, src in enumerate(self.sources)

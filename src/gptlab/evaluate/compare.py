@@ -10,12 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_bytes, atomic_write_text
 
 X_AXES = {"tokens": ("tokens", "tokens seen"), "time": ("elapsed", "training time (s)"), "step": ("step", "step")}
+STEADY_NOTE = ("tokens/s: steady state, the median of the logged intervals after the first (which holds the "
+               "warm-up and torch.compile's compilation); a run with a single interval: its overall average.")
 # run_dir differs between any two runs and names them already; [eval] settings are not the run's.
 IGNORED_KEYS = ("train.run_dir", "eval.")
 
@@ -60,12 +63,13 @@ def run_summary(run_dir: str | Path) -> dict:
     """One row of the comparison: sizes, losses, bits per byte, HellaSwag, speed, and the flat config."""
     import torch
 
-    from gptlab.config import config_to_dict, load_config
+    from gptlab.config import config_to_dict
     from gptlab.model import build_model
+    from gptlab.runs import CONFIG, load_run_config
 
     run = Path(run_dir)
     rows = read_metrics(run)
-    cfg = load_config(run / "config.toml") if (run / "config.toml").is_file() else None
+    cfg = load_run_config(run) if (run / CONFIG).is_file() else None
     summary = _read_json(run / "summary.json")
     evaluation = _read_json(run / "eval.json")
     params = None
@@ -74,7 +78,6 @@ def run_summary(run_dir: str | Path) -> dict:
             params = build_model(cfg.model).num_params()
     best = best_val_row(rows)
     val = [r for r in rows if r.get("val_loss") is not None]
-    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     out = {
         "run": str(run),
         "parameters": params,
@@ -85,13 +88,21 @@ def run_summary(run_dir: str | Path) -> dict:
         "best_step": int(best["step"]) if best else None,
         "final_val_bpb": val[-1].get("val_bpb") if val else None,
         "best_val_bpb": best.get("val_bpb") if best else None,
-        "tokens_per_s": summary.get("tokens_per_s") or (sum(speeds) / len(speeds) if speeds else None),
+        "tokens_per_s": steady_tokens_per_s(rows) or summary.get("tokens_per_s"),
         "eval_bpb": evaluation["datasets"][0].get("bpb") if evaluation.get("datasets") else None,
         "hellaswag_acc_norm": evaluation.get("hellaswag", {}).get("acc_norm"),
         "config": flatten(config_to_dict(cfg)) if cfg is not None else {},
         "metrics": rows,
     }
     return out
+
+
+def steady_tokens_per_s(rows: list[dict]) -> float | None:
+    """The median speed of the logged intervals after the first. The first interval holds the warm-up
+    (torch.compile's compilation, when on: seconds to minutes), which an average over the run would spread
+    over every step; None with fewer than two intervals."""
+    speeds = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r.get("loss") is not None][1:]
+    return statistics.median(speeds) if speeds else None
 
 
 def _read_json(path: Path) -> dict:
@@ -142,6 +153,8 @@ def format_comparison(runs: list[dict]) -> str:
     missing = [name for name, r in zip(names, runs) if not r["config"]]
     if missing:
         lines += ["", f"No config.toml in: {', '.join(missing)}."]
+    if any(r["tokens_per_s"] is not None for r in runs):
+        lines += ["", STEADY_NOTE]
     return "\n".join(lines) + "\n"
 
 
@@ -179,25 +192,45 @@ def save_figure(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def short_number(x: float, _pos=None) -> str:
+    """A tick label: 950, 100k, 1.2M, 3G (raw counts of six digits and more run into each other)."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
 def plot_comparison(runs: list[dict], path: Path, x: str = "tokens") -> None:
+    """Training loss, and validation loss beside it when any run logged some, against `x` for every run."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
     plt = _pyplot()
     column, label = X_AXES[x]
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=100, sharey=True)
+    has_val = any(series(run["metrics"], "val_loss", column)[0] for run in runs)
+    fig, axes = plt.subplots(1, 2 if has_val else 1, figsize=(12 if has_val else 6.5, 4.5), dpi=100, sharex=True, sharey=True, squeeze=False)
+    train_ax, val_ax = axes[0][0], axes[0][1] if has_val else None
     for name, run in zip(_names(runs), runs):
         line = train_ax.plot(*series(run["metrics"], "loss", column), label=name, linewidth=1)[0]
-        val_ax.plot(*series(run["metrics"], "val_loss", column), label=name, marker="o", markersize=3, color=line.get_color())
-    for ax, title in ((train_ax, "training loss"), (val_ax, "validation loss")):
+        if val_ax is not None:
+            val_ax.plot(*series(run["metrics"], "val_loss", column), label=name, marker="o", markersize=3, color=line.get_color())
+    for ax, title in ((train_ax, "training loss" if has_val else "training loss (no validation logged)"), (val_ax, "validation loss")):
+        if ax is None:
+            continue
         ax.set_title(title)
         ax.set_xlabel(label)
+        ax.xaxis.set_major_locator(MaxNLocator(6))
+        ax.xaxis.set_major_formatter(FuncFormatter(short_number))
         ax.grid(alpha=0.3)
     train_ax.set_ylabel("loss (nats/token)")
-    val_ax.legend(fontsize=8)
+    (val_ax or train_ax).legend(fontsize=8)
     save_figure(fig, path)
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     """One figure (RUN/plot.png): loss and validation loss, learning rate, gradient norm and tokens/s
     against the step, with the step where validation loss stopped improving marked on every panel."""
+    from matplotlib.ticker import FuncFormatter
+
     plt = _pyplot()
     run = Path(run_dir)
     rows = read_metrics(run)
@@ -216,6 +249,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> dict:
     speed_ax.plot(*series(rows, "tokens_per_s"))
     speed_ax.set_ylabel("tokens/s")
     speed_ax.set_xlabel("step")
+    speed_ax.xaxis.set_major_formatter(FuncFormatter(short_number))  # shared by every panel
     if best is not None:
         for ax in axes:
             ax.axvline(best["step"], color="tab:red", linestyle="--", linewidth=1)

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
                      "context_length": run_cfg.model.context_length, "max_tokens": cfg.max_tokens},
         "datasets": [],
     }
-    for path in cfg.data or [_own_validation_split(run_cfg)]:
+    for path in cfg.data or _own_validation_split(run_cfg, cfg, report, progress):
         report["datasets"].append(_evaluate_dataset(model, tokenizer, run_cfg, cfg, str(path), common))
     if cfg.hellaswag:
         report["hellaswag"] = _hellaswag(model, tokenizer, cfg, precision, progress)
@@ -61,12 +63,18 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
     return report
 
 
-def _own_validation_split(run_cfg) -> str:
+def _own_validation_split(run_cfg, cfg: EvalConfig, report: dict, progress: bool) -> list[str]:
+    """[the run's data folder]; [] with a note when it is not here and HellaSwag is what was asked for."""
     data_dir = Path(run_cfg.train.data_dir)
-    if not (data_dir / "meta.json").is_file():
-        raise GptlabError(f"no --data given, and the run's data folder {data_dir} is not here to take its validation split from",
-                          "give --data FILE_OR_DIR (a text file or a prepared data folder)")
-    return str(data_dir)
+    if (data_dir / "meta.json").is_file():
+        return [str(data_dir)]
+    if cfg.hellaswag:
+        report["notes"] = [f"the run's data folder {data_dir} is not here: its validation split was not scored"]
+        if progress:
+            print(f"note: {report['notes'][0]}", file=sys.stderr)
+        return []
+    raise GptlabError(f"no --data given, and the run's data folder {data_dir} is not here to take its validation split from",
+                      "give --data FILE_OR_DIR (a text file or a prepared data folder)")
 
 
 def _evaluate_dataset(model, tokenizer, run_cfg, cfg: EvalConfig, path: str, common: dict) -> dict:
@@ -74,8 +82,20 @@ def _evaluate_dataset(model, tokenizer, run_cfg, cfg: EvalConfig, path: str, com
 
     if not path.startswith("hf:") and not Path(path).exists() and not any(c in path for c in "*?["):
         raise GptlabError(f"evaluation data not found: {path}", "give a text file, a folder, a glob or a prepared data folder")
-    return evaluate_data(model, tokenizer, path, split=cfg.split, text=run_cfg.text if cfg.normalize else None,
-                         add_bos=run_cfg.data.add_bos, add_eos=run_cfg.data.add_eos, max_tokens=cfg.max_tokens, **common)
+    return evaluate_data(model, tokenizer, _as_prepared(path, run_cfg), split=cfg.split,
+                         text=run_cfg.text if cfg.normalize else None, add_bos=run_cfg.data.add_bos,
+                         add_eos=run_cfg.data.add_eos, max_tokens=cfg.max_tokens, **common)
+
+
+def _as_prepared(path: str, run_cfg):
+    """One of the run's own [[data.sources]] (or val_sources) is read with its settings (documents, separator,
+    text_field...), as `data prepare` read it; any other path as a source with the default settings."""
+    if (Path(path) / "meta.json").is_file() or path.startswith("hf:"):
+        return path
+    for source in run_cfg.data.sources + run_cfg.data.val_sources:
+        if not source.path.startswith("hf:") and os.path.abspath(source.path) == os.path.abspath(path):
+            return source.model_copy(update={"label": None, "path": path})
+    return path
 
 
 def _hellaswag(model, tokenizer, cfg: EvalConfig, precision: str, progress: bool) -> dict:
@@ -113,9 +133,11 @@ def format_report(report: dict) -> str:
              f"Checkpoint {report['checkpoint']} ({report['which']}), step {report['step']:,}, "
              f"{report['tokens_seen']:,} tokens seen, {report['parameters']:,} parameters. "
              f"{report['settings']['device']}, {report['settings']['precision']}.", ""]
+    lines += [f"Note: {note}." for note in report.get("notes", [])] + ([""] if report.get("notes") else [])
     ks = [k for k in report["datasets"][0]["topk"]] if report["datasets"] else []
-    lines += ["| data | bits per byte | loss | perplexity | tokens | bytes | " + " | ".join(f"top-{k}" for k in ks) + " |",
-              "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ks)]
+    if report["datasets"]:
+        lines += ["| data | bits per byte | loss | perplexity | tokens | bytes | " + " | ".join(f"top-{k}" for k in ks) + " |",
+                  "|---|---:|---:|---:|---:|---:|" + "---:|" * len(ks)]
     for d in report["datasets"]:
         bytes_ = f"{d['bytes']:,}" + (" (est.)" if d.get("bytes_estimated") else "") if d["bytes"] else ""
         lines.append(f"| {d['name']} | **{_num(d['bpb'])}** | {_num(d['loss'])} | {_num(d['perplexity'], 2)} | "

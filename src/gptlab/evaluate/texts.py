@@ -4,10 +4,11 @@ Each returns `StreamScore.summary(bytes)` plus where the numbers came from. The 
 the text the tokens encode:
 
     evaluate_text   the string's UTF-8 bytes, all of them (no EOS added)
-    evaluate_source the documents as gptlab.text reads them (separators dropped, surrounding
-                    whitespace stripped, the run's normalisation applied), each followed by EOS as
-                    `gptlab data prepare` writes them: the same bytes meta.json counts for a split,
-                    so a file and the same file prepared as a split score the same
+    evaluate_source the documents as `gptlab data prepare` reads them (gptlab.text's iter_documents:
+                    the source's document boundaries, separators dropped, the run's normalisation with
+                    its Gutenberg header stripping, surrounding whitespace stripped), each followed by
+                    EOS as prepare writes them: the same bytes meta.json counts for a split, so a file
+                    and the same file prepared as a split score the same
     evaluate_split  meta.json's byte count of the split
 """
 
@@ -55,17 +56,15 @@ def evaluate_source(
     `text` is the normalisation to apply (a run's cfg.text); add_bos/add_eos as the run's data was
     prepared. With max_tokens, whole documents are taken until that many tokens are reached.
     """
-    from gptlab.text import Normalizer, iter_source_documents
+    from gptlab.text import iter_documents
 
     if isinstance(source, str):
         source = SourceConfig(path=source)
-    normalize = Normalizer(text) if text is not None and text.normalize else None
+    text = text or TextConfig()
     prefix = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
     suffix = [tokenizer.eos_id] if add_eos and tokenizer.eos_id is not None else []
     pieces, num_tokens, num_bytes, documents = [], 0, 0, 0
-    docs = iter_source_documents(source)
-    if normalize is not None:
-        docs = (d for d in map(normalize, docs) if d)
+    docs = (doc for _, doc in iter_documents([source], text))
     while max_tokens is None or num_tokens < max_tokens:
         batch = list(itertools.islice(docs, ENCODE_BATCH))
         if not batch:
@@ -81,7 +80,7 @@ def evaluate_source(
     name = source.label or source.path
     result = _score(model, tokenizer, ids, num_bytes, name, **kwargs)
     return {**result, "kind": "text", "documents": documents,
-            "normalize": list(text.normalize) if normalize is not None else []}
+            "normalize": list(text.normalize)}
 
 
 def evaluate_split(model, tokenizer, data_dir: str | Path, split: str = "val", *, max_tokens: int | None = None, **kwargs) -> dict:
@@ -106,9 +105,10 @@ def evaluate_split(model, tokenizer, data_dir: str | Path, split: str = "val", *
     return {**result, "kind": "split", "bytes_estimated": estimated}
 
 
-def evaluate_data(model, tokenizer, path: str, *, split: str = "val", text: TextConfig | None = None,
+def evaluate_data(model, tokenizer, path: str | SourceConfig, *, split: str = "val", text: TextConfig | None = None,
                   add_bos: bool = False, add_eos: bool = True, max_tokens: int | None = None, **kwargs) -> dict:
-    """A prepared data folder (it holds meta.json) is scored as a split; anything else as a text source."""
-    if (Path(path) / "meta.json").is_file():
+    """A prepared data folder (it holds meta.json) is scored as a split; anything else as a text source
+    (a SourceConfig says how to cut it into documents, as in [[data.sources]])."""
+    if isinstance(path, (str, Path)) and (Path(path) / "meta.json").is_file():
         return evaluate_split(model, tokenizer, path, split, max_tokens=max_tokens, **kwargs)
     return evaluate_source(model, tokenizer, path, text=text, add_bos=add_bos, add_eos=add_eos, max_tokens=max_tokens, **kwargs)

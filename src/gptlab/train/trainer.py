@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
 from gptlab import runs
-from gptlab.config import Config, ModelConfig, config_to_dict, load_config, save_config
+from gptlab.config import Config, ModelConfig, config_to_dict
 from gptlab.data.prepare import cpu_count
 from gptlab.device import (
     DTYPES,
@@ -99,9 +99,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     run = Path(run_dir)
     if not run.is_dir():
         raise GptlabError(f"run directory not found: {run}", "check the path given to --resume")
-    if not (run / "config.toml").is_file():
-        raise GptlabError(f"{run} is not a gptlab run (it has no config.toml)", "give the folder that gptlab train wrote")
-    return load_config(run / "config.toml", [*(overrides or []), f"--train.run_dir={json.dumps(str(run))}"])
+    return runs.load_run_config(run, overrides)
 
 
 class Diverged(Exception):
@@ -187,7 +185,7 @@ class Trainer:
         # ---- the run directory (rank 0 writes it; every rank must see it: a shared filesystem across nodes)
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.toml")
+            runs.save_run_config(cfg, self.run_dir)
             self.tokenizer.save(self.run_dir / "tokenizer.json")
             self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
         else:
