@@ -21,7 +21,8 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.export.families import Llama, family_for
 from gptlab.export.hf import hf_state_dict, load_for_export
-from gptlab.export.hf_tokenizer import special_token_ids, start_token
+from gptlab.export.hf_tokenizer import special_token_ids
+from gptlab.generate import start_id
 
 
 def _gguf():
@@ -86,7 +87,8 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
         tensors[name] = tensor.float().numpy()
 
     tokens, types, merges = _vocabulary(tokenizer)
-    ids = special_token_ids(tokenizer)
+    start = start_id(tokenizer, cfg.data)
+    ids = special_token_ids(tokenizer, start)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -115,7 +117,7 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
         for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("pad", writer.add_pad_token_id)):
             if ids[role] is not None:
                 add(ids[role])
-        writer.add_add_bos_token(start_token(tokenizer) is not None)  # the start token, as tokenizer.json adds it
+        writer.add_add_bos_token(start is not None)  # llama.cpp puts bos_token_id (the start token) before a prompt
         writer.add_add_eos_token(False)
         for name, array in tensors.items():
             writer.add_tensor(name, np.ascontiguousarray(array))

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from gptlab.config import SampleConfig
+from gptlab.config import DataConfig, SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, KVCache
 
@@ -120,15 +120,28 @@ def sample_tokens(
     return new, (logprob_sum / count.clamp(min=1)).tolist()
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's tokens after BOS (where the tokenizer has one); an empty prompt starts from BOS or EOS,
-    which is how every training document starts (EOS ends the one before)."""
-    start = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    ids = start + tokenizer.encode(prompt)
+def start_id(tokenizer, data: DataConfig | None = None) -> int | None:
+    """The token a text starts after: the one every training document followed, as `data prepare` wrote them.
+
+    BOS where the data put one before each document (data.add_bos), else the EOS that ended the document
+    before (data.add_eos), else none. Sampling, scoring, HellaSwag and the exported tokenizers (Hugging
+    Face, GGUF) all start a text this way; `data` is the run's [data] section (None: the defaults).
+    """
+    data = data or DataConfig()
+    if data.add_bos and tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    if data.add_eos and tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    return None
+
+
+def prompt_ids(tokenizer, prompt: str, data: DataConfig | None = None) -> list[int]:
+    """The prompt's tokens after the start token (`start_id`)."""
+    start = start_id(tokenizer, data)
+    ids = ([] if start is None else [start]) + tokenizer.encode(prompt)
     if not ids:
-        if tokenizer.eos_id is None:
-            raise GptlabError("the prompt is empty and the tokenizer has no BOS or EOS token to start from", "give a prompt")
-        ids = [tokenizer.eos_id]
+        raise GptlabError("the prompt is empty, and the run's documents start after no token to begin from",
+                          "give a prompt")
     return ids
 
 
@@ -159,6 +172,8 @@ def generate(
     prompts: list[str],
     cfg: SampleConfig,
     on_token: Callable[[int, str], None] | None = None,
+    *,
+    data: DataConfig | None = None,
 ) -> list[str]:
     """Continue each prompt cfg.num_samples times; returns the continuations (without the prompt), the
     samples of prompt i at [i * num_samples, (i + 1) * num_samples).
@@ -166,6 +181,7 @@ def generate(
     All rows run in one batch. With best_of = N > 1, max(N, num_samples) candidates are drawn per prompt and
     the num_samples with the highest mean log-probability are returned, best first. on_token(i, text)
     streams the new text of output i as it is generated (with best_of, each result once ranked).
+    `data` is the run's [data] section, which says what each prompt starts after (`start_id`).
     """
     if not prompts:
         return []
@@ -175,7 +191,7 @@ def generate(
             "sample with the tokenizer the model was trained with",
         )
     candidates = max(cfg.best_of, cfg.num_samples)
-    ids = [prompt_ids(tokenizer, p) for p in prompts for _ in range(candidates)]
+    ids = [prompt_ids(tokenizer, p, data) for p in prompts for _ in range(candidates)]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stream = _Stream(tokenizer, len(ids), on_token) if on_token is not None and candidates == cfg.num_samples else None
