@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import run_copy_with
 
 from gptlab.cli import main
 from gptlab.config import SampleConfig, TokenizerConfig
@@ -152,7 +153,7 @@ def test_generate_on_the_exported_folder_does_not_warn(make_export_run, tmp_path
 
 
 def test_model_card_names_the_optimizer(make_export_run, tmp_path):
-    run = _with_data(make_export_run("arcee-gelu", norm="rmsnorm", position="rope", mlp="gelu"), tmp_path / "muon",
+    run = run_copy_with(make_export_run("arcee-gelu", norm="rmsnorm", position="rope", mlp="gelu"), tmp_path / "muon",
                      "train", optimizer="muon")
     export_hf(run, tmp_path / "hf")
     card = (tmp_path / "hf" / "README.md").read_text()
@@ -170,7 +171,7 @@ def test_bf16_export_loads_in_bf16(make_export_run, tmp_path):
 
 def test_char_tokenizer_exports(make_export_run, tmp_path, tiny_corpus_text):
     tok = train_tokenizer([tiny_corpus_text], TokenizerConfig(kind="char", bos_token="<BOS>"))
-    run = _with_data(make_export_run("char-llama", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
+    run = run_copy_with(make_export_run("char-llama", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
                      tmp_path / "run", add_bos=True)
     export_hf(run, tmp_path / "hf")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -178,19 +179,6 @@ def test_char_tokenizer_exports(make_export_run, tmp_path, tiny_corpus_text):
     assert hf_tokenizer(TEXT)["input_ids"][0] == tok.bos_id  # documents prepared with BOS: texts start with BOS
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
-
-
-def _with_data(run, copy, section: str = "data", **settings):
-    """A copy of `run` whose config.toml has `settings` in `section` (by default how its data was prepared)."""
-    import shutil
-
-    from gptlab.config import load_config, save_config
-
-    shutil.copytree(run, copy)
-    cfg = load_config(copy / "config.toml")
-    setattr(cfg, section, getattr(cfg, section).model_copy(update=settings))
-    save_config(cfg, copy / "config.toml")
-    return copy
 
 
 # (the tokenizer's BOS, how the data was prepared, the token every text should start after)
@@ -213,7 +201,7 @@ def test_one_start_token_rule_from_sampling_to_transformers(make_export_run, tmp
     from gptlab.generate import prompt_ids
 
     tok = train_tokenizer([tiny_corpus_text], TokenizerConfig(kind="bpe", vocab_size=300, bos_token="<s>" if bos == "bos" else None))
-    run = _with_data(make_export_run(f"start-{bos}", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
+    run = run_copy_with(make_export_run(f"start-{bos}", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
                      tmp_path / "run", **data)
     export_hf(run, tmp_path / "hf")
     ours, tokenizer, cfg = load_run(run)
