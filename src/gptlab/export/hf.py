@@ -171,8 +171,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, context_length: int | 
         tokenizer=TokenizerConfig(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size, bos_token=tokenizer.specials.bos,
                                   eos_token=tokenizer.specials.eos, pad_token=tokenizer.specials.pad,
                                   extra_special_tokens=list(tokenizer.specials.extra)),
-        # A tokenizer with its own BOS (Llama) starts every text with it; GPT-2's start token is its EOS.
-        data=DataConfig(add_bos=tokenizer.bos_id is not None),
+        data=_start_rule(folder, tokenizer),
         train=TrainConfig(run_dir=str(run)),
     )
     info = {"step": 0, "tokens": 0, "val_loss": None, "model": config_to_dict(model_cfg),
@@ -185,6 +184,20 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, context_length: int | 
     return {"run_dir": str(run), "architecture": family.architecture, "parameters": model.num_params(),
             "checkpoint": str(run / checkpoint.relative_to(tmp)), "tokenizer": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "context_length": model_cfg.context_length, "notes": notes}
+
+
+def _start_rule(folder: Path, tokenizer) -> DataConfig:
+    """The folder tokenizer's way of starting a text, as the [data] settings gptlab.generate.start_id reads:
+    its own BOS where tokenizer_config.json adds it (Llama's default; gptlab's export of a data.add_bos run);
+    else the EOS where its BOS is its EOS (GPT-2's way of saying "after the document before", and gptlab's
+    export of an EOS-separated run) or it names no BOS; nothing where it adds none (add_bos_token false)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}  # read (and checked) by tokenizer_from_hf
+    first = config.get("bos_token", tokenizer.specials.bos)
+    first = first.get("content") if isinstance(first, dict) else first
+    if config.get("add_bos_token", True):
+        return DataConfig(add_bos=first is not None and first == tokenizer.specials.bos)
+    return DataConfig() if first is not None and first == tokenizer.specials.eos else DataConfig(add_bos=False, add_eos=False)
 
 
 def _fit_vocabulary(weights: dict, cfg, tokenizer, notes: list[str]):
