@@ -136,12 +136,15 @@ def start_id(tokenizer, data: DataConfig | None = None) -> int | None:
 
 
 def prompt_ids(tokenizer, prompt: str, data: DataConfig | None = None) -> list[int]:
-    """The prompt's tokens after the start token (`start_id`)."""
+    """The prompt's tokens after the start token (`start_id`). An empty prompt where the documents start after
+    nothing begins from the tokenizer's BOS, else its EOS (config.json's bos_token_id, else something)."""
     start = start_id(tokenizer, data)
     ids = ([] if start is None else [start]) + tokenizer.encode(prompt)
     if not ids:
-        raise GptlabError("the prompt is empty, and the run's documents start after no token to begin from",
-                          "give a prompt")
+        first = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if first is None:
+            raise GptlabError("the prompt is empty and the tokenizer has no BOS or EOS token to start from", "give a prompt")
+        ids = [first]
     return ids
 
 
