@@ -192,7 +192,7 @@ START_RULES = [
 
 
 @pytest.mark.parametrize("bos,data,start", START_RULES, ids=[f"{b}-{d}" for b, d, _ in START_RULES])
-def test_one_start_token_rule_from_sampling_to_transformers(make_export_run, tmp_path, tiny_corpus_text, single_thread,
+def test_one_start_token_rule_from_sampling_to_transformers(make_export_run, tmp_path, tiny_corpus_text, single_thread, capsys,
                                                             bos, data, start):
     """The same prompt string gives the same greedy text in `gptlab sample` and in transformers (the exported
     tokenizer's default encoding), and scoring starts a text as sampling starts a prompt."""
@@ -210,7 +210,11 @@ def test_one_start_token_rule_from_sampling_to_transformers(make_export_run, tmp
     ids = prompt_ids(tokenizer, PROMPT, cfg.data)
     assert ids == ([] if start is None else [tokenizer.token_to_id(start)]) + tokenizer.encode(PROMPT)
     assert hf_tokenizer(PROMPT)["input_ids"] == ids
-    assert _greedy_gptlab(ours, tokenizer, cfg) == _greedy_transformers(theirs, hf_tokenizer)
+    theirs_text = _greedy_transformers(theirs, hf_tokenizer)
+    assert _greedy_gptlab(ours, tokenizer, cfg) == theirs_text
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == PROMPT + theirs_text + "\n"  # as a user types it, streamed
 
     # HellaSwag's context and a scored text start as the prompt does
     assert encode_item(tokenizer, HellaSwagItem(PROMPT, ("a", "b", "c", "d"), 0), 64, cfg.data)[0] == ids

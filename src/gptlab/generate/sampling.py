@@ -158,15 +158,22 @@ class _Stream:
 
     def __call__(self, step_tokens: list[int | None]) -> None:
         for row, token in enumerate(step_tokens):
-            if token is None:
-                continue
-            self.ids[row].append(token)
-            text = self.tokenizer.decode(self.ids[row])
-            if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
-                continue
-            if len(text) > self.sent[row]:
-                self.on_token(row, text[self.sent[row] :])
-                self.sent[row] = len(text)
+            if token is not None:
+                self.ids[row].append(token)
+                self._send(row, hold_partial=True)
+
+    def finish(self) -> None:
+        """Hand on what was held back (a multi-byte character cut off by the end): the streamed text is the returned one."""
+        for row in range(len(self.ids)):
+            self._send(row, hold_partial=False)
+
+    def _send(self, row: int, hold_partial: bool) -> None:
+        text = self.tokenizer.decode(self.ids[row])
+        if hold_partial and text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            return
+        if len(text) > self.sent[row]:
+            self.on_token(row, text[self.sent[row] :])
+            self.sent[row] = len(text)
 
 
 def generate(
@@ -209,6 +216,8 @@ def generate(
         generator=generator,
         on_step=stream,
     )
+    if stream is not None:
+        stream.finish()
     texts = []
     for i in range(len(prompts)):
         group = range(i * candidates, (i + 1) * candidates)
