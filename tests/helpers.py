@@ -55,3 +55,17 @@ OFFICIAL = {"ind": 4, "activity_label": "Baking cookies", "ctx_a": "A woman is i
 def write_jsonl(path, records) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return str(path)
+
+
+def run_copy_with(run, copy, section: str = "data", **settings):
+    """A copy of the run folder `run` at `copy` whose config.toml has `settings` in `section` (by default how
+    its data was prepared: data.add_bos, data.add_eos)."""
+    import shutil
+
+    from gptlab.config import save_config
+
+    shutil.copytree(run, copy)
+    cfg = load_config(copy / "config.toml")
+    setattr(cfg, section, getattr(cfg, section).model_copy(update=settings))
+    save_config(cfg, copy / "config.toml")
+    return copy

@@ -185,3 +185,24 @@ def test_long_contexts_are_cut_from_the_left(bigram, tokenizer):
     items = [HellaSwagItem("x" * 50, ENDINGS, 1)]
     result = score_hellaswag(short, tokenizer, items)  # bigram: only the token before matters, so no change
     assert result["logprobs"][0, :2] == pytest.approx([hand_logprob(bigram, tokenizer, e) for e in ENDINGS[:2]], abs=1e-5)
+
+
+@pytest.mark.parametrize("data", [{}, {"add_eos": False}], ids=["after-eos", "after-nothing"])
+def test_contexts_start_as_sampled_prompts_do(data, tiny_model, tiny_tokenizer, single_thread):
+    """Each ending's log-probability, by hand: the model on `gptlab sample`'s ids for the context
+    (gptlab.generate.prompt_ids: after the run's start token) followed by the ending."""
+    from gptlab.config import DataConfig
+    from gptlab.generate import prompt_ids
+
+    tokenizer, data = Mod64(tiny_tokenizer), DataConfig(**data)
+    items = STORY_ITEMS[:3]
+    scores = score_hellaswag(tiny_model, tokenizer, items, data=data)["logprobs"]
+    for item, row in zip(items, scores):
+        context = prompt_ids(tokenizer, item.context, data)
+        for ending, score in zip(item.endings, row):
+            ids = context + tokenizer.encode(" " + ending)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(tiny_model(torch.tensor([ids[:-1]]))[0][0].float(), dim=-1)
+            n = len(ids) - len(context)
+            by_hand = logprobs[-n:].gather(1, torch.tensor(ids[-n:])[:, None]).sum().item()
+            assert score == pytest.approx(by_hand, abs=1e-4)

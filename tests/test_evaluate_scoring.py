@@ -173,3 +173,34 @@ def test_a_split_made_with_another_tokenizer_is_refused(gpt_and_tokenizer, tiny_
     model, _ = gpt_and_tokenizer
     with pytest.raises(GptlabError, match="another tokenizer"):
         evaluate_split(model, char_tokenizer, tiny_shards)
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_split_and_a_file_are_scored_after_the_runs_start_token(tiny_corpus, tiny_corpus_text, tmp_path, add_bos, single_thread):
+    """A tokenizer with a BOS that the data did not put before documents: the text starts after EOS, as a
+    sampled prompt does (gptlab.generate.start_id), not after the unused BOS."""
+    from gptlab.config import DataConfig, ModelConfig
+    from gptlab.data import prepare_data
+    from gptlab.data.loader import TokenSplit
+    from gptlab.generate import start_id
+    from gptlab.model import GPT
+
+    tokenizer = train_tokenizer([tiny_corpus_text], TokenizerConfig(kind="bpe", vocab_size=300, bos_token="<s>"))
+    tokenizer.save(tmp_path / "tok.json")
+    cfg = load_config(None, [f"--data.sources=[{{path = {str(tiny_corpus)!r}}}]",
+                             f"--data.val_sources=[{{path = {str(tiny_corpus)!r}}}]", f"--data.add_bos={str(add_bos).lower()}",
+                             f"--data.out_dir={str(tmp_path / 'data')!r}", "--data.workers=1"])
+    prepare_data(cfg, tmp_path / "tok.json", progress=False)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, n_layer=1, d_model=32, n_head=2, context_length=16)).eval()
+    start = start_id(tokenizer, DataConfig(add_bos=add_bos))
+    assert start == (tokenizer.bos_id if add_bos else tokenizer.eos_id)
+
+    ids = TokenSplit(tmp_path / "data", "val").read(0, 200)
+    expected = score_stream(model, ids, start).loss
+    assert evaluate_split(model, tokenizer, tmp_path / "data", "val", max_tokens=200)["loss"] == pytest.approx(expected, rel=1e-6)
+    from_file = evaluate_source(model, tokenizer, str(tiny_corpus), add_bos=add_bos)
+    assert from_file["loss"] == pytest.approx(evaluate_split(model, tokenizer, tmp_path / "data", "val")["loss"], rel=1e-6)
+    text = "Once upon a time there was a little cat named Tom. Tom liked to play in the sun."
+    assert evaluate_text(model, tokenizer, text, data=cfg.data)["loss"] == pytest.approx(
+        score_stream(model, tokenizer.encode(text), start).loss, rel=1e-6)

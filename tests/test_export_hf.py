@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import run_copy_with
 
 from gptlab.cli import main
 from gptlab.config import SampleConfig, TokenizerConfig
@@ -46,7 +47,7 @@ def test_exported_model_matches_gptlab(make_export_run, tmp_path, name, model, a
     assert result["architecture"] == architecture
     assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
 
-    ours, tokenizer, _ = load_run(run)
+    ours, tokenizer, cfg = load_run(run)
     theirs, hf_tokenizer = _hf(out)
     assert type(theirs).__name__ == architecture
 
@@ -62,16 +63,26 @@ def test_exported_model_matches_gptlab(make_export_run, tmp_path, name, model, a
     assert ours_logits.std() > 0.5  # far from uniform, so agreement means something
     torch.testing.assert_close(theirs_logits, ours_logits, atol=1e-4, rtol=0)
 
-    # greedy generation: gptlab.generate vs transformers' generate(do_sample=False)
-    prompt = "Once upon a time"
-    text = generate(ours, tokenizer, [prompt], SampleConfig(temperature=0, max_new_tokens=24))[0]
-    prompt_ids = torch.tensor([tokenizer.encode(prompt)])  # gptlab adds no BOS: this tokenizer has none
-    out_ids = theirs.generate(prompt_ids, do_sample=False, max_new_tokens=24, eos_token_id=tokenizer.eos_id,
-                              pad_token_id=tokenizer.eos_id)[0, prompt_ids.size(1):].tolist()
-    if tokenizer.eos_id in out_ids:
-        out_ids = out_ids[: out_ids.index(tokenizer.eos_id)]
-    assert len(out_ids) > 0
-    assert tokenizer.decode(out_ids) == text
+    # greedy generation, each side encoding the prompt string its own default way
+    assert _greedy_gptlab(ours, tokenizer, cfg) == _greedy_transformers(theirs, hf_tokenizer)
+
+
+PROMPT = "Once upon a time"
+
+
+def _greedy_gptlab(model, tokenizer, cfg, prompt: str = PROMPT) -> str:
+    """`gptlab sample`'s greedy continuation of `prompt`."""
+    return generate(model, tokenizer, [prompt], SampleConfig(temperature=0, max_new_tokens=24), data=cfg.data)[0]
+
+
+def _greedy_transformers(model, hf_tokenizer, prompt: str = PROMPT) -> str:
+    """transformers' greedy continuation of `prompt`, as a user writes it (the exported tokenizer's encoding and
+    generation_config.json's defaults)."""
+    inputs = hf_tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=24)[0, inputs["input_ids"].size(1):]
+    text = hf_tokenizer.decode(out, skip_special_tokens=True)
+    assert text  # something was generated, so equality means something
+    return text
 
 
 def test_exported_folder_contents(make_export_run, tmp_path):
@@ -122,6 +133,35 @@ def test_model_card_describes_the_run(make_export_run, tmp_path):
     assert "| val | 2.5000 | 12.18 | 0.9100 |" in card and "acc_norm 0.3000" in card
 
 
+def test_generate_on_the_exported_folder_does_not_warn(make_export_run, tmp_path, capfd):
+    """generation_config.json sets one length (max_new_tokens): a max_length beside it made transformers warn
+    "Both max_new_tokens and max_length seem to have been set" on every generate(max_new_tokens=...) call."""
+    import warnings
+
+    export_hf(make_export_run("arcee-gelu", norm="rmsnorm", position="rope", mlp="gelu"), tmp_path / "hf")
+    model, hf_tokenizer = _hf(tmp_path / "hf")
+    capfd.readouterr()
+    inputs = hf_tokenizer(PROMPT, return_tensors="pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(**inputs, max_new_tokens=5)
+        model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        model.generate(**inputs, max_length=12)
+    said = capfd.readouterr()
+    assert not [str(w.message) for w in caught if "length" in str(w.message)]
+    assert "max_length" not in said.err + said.out
+
+
+def test_model_card_names_the_optimizer(make_export_run, tmp_path):
+    run = run_copy_with(make_export_run("arcee-gelu", norm="rmsnorm", position="rope", mlp="gelu"), tmp_path / "muon",
+                     "train", optimizer="muon")
+    export_hf(run, tmp_path / "hf")
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "Muon" in card and "AdamW lr" not in card
+    export_hf(make_export_run("arcee-gelu"), tmp_path / "hf-adamw")
+    assert "AdamW lr" in (tmp_path / "hf-adamw" / "README.md").read_text()
+
+
 def test_bf16_export_loads_in_bf16(make_export_run, tmp_path):
     run = make_export_run("llama-gqa-untied", norm="rmsnorm", position="rope", mlp="swiglu", n_kv_head=2, tie_embeddings=False)
     export_hf(run, tmp_path / "hf", dtype="bfloat16")
@@ -131,13 +171,58 @@ def test_bf16_export_loads_in_bf16(make_export_run, tmp_path):
 
 def test_char_tokenizer_exports(make_export_run, tmp_path, tiny_corpus_text):
     tok = train_tokenizer([tiny_corpus_text], TokenizerConfig(kind="char", bos_token="<BOS>"))
-    run = make_export_run("char-llama", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu")
+    run = run_copy_with(make_export_run("char-llama", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
+                     tmp_path / "run", add_bos=True)
     export_hf(run, tmp_path / "hf")
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf_tokenizer.encode(TEXT, add_special_tokens=False) == tok.encode(TEXT)
-    assert hf_tokenizer(TEXT)["input_ids"][0] == tok.bos_id  # a BOS tokenizer starts texts with BOS
+    assert hf_tokenizer(TEXT)["input_ids"][0] == tok.bos_id  # documents prepared with BOS: texts start with BOS
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_id, tok.eos_id)
+
+
+# (the tokenizer's BOS, how the data was prepared, the token every text should start after)
+START_RULES = [
+    ("no-bos", {}, "<|endoftext|>"),  # the defaults: each document follows the EOS that ended the one before
+    ("no-bos", {"add_eos": False}, None),  # nothing between documents: nothing before a prompt
+    ("bos", {"add_bos": True}, "<s>"),
+    ("bos", {}, "<|endoftext|>"),  # a BOS the data never used is not put before prompts
+    ("bos", {"add_eos": False}, None),
+]
+
+
+@pytest.mark.parametrize("bos,data,start", START_RULES, ids=[f"{b}-{d}" for b, d, _ in START_RULES])
+def test_one_start_token_rule_from_sampling_to_transformers(make_export_run, tmp_path, tiny_corpus_text, single_thread, capsys,
+                                                            bos, data, start):
+    """The same prompt string gives the same greedy text in `gptlab sample` and in transformers (the exported
+    tokenizer's default encoding), and scoring starts a text as sampling starts a prompt."""
+    from gptlab.evaluate import evaluate_text
+    from gptlab.evaluate.hellaswag import HellaSwagItem, encode_item
+    from gptlab.generate import prompt_ids
+
+    tok = train_tokenizer([tiny_corpus_text], TokenizerConfig(kind="bpe", vocab_size=300, bos_token="<s>" if bos == "bos" else None))
+    run = run_copy_with(make_export_run(f"start-{bos}", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
+                     tmp_path / "run", **data)
+    export_hf(run, tmp_path / "hf")
+    ours, tokenizer, cfg = load_run(run)
+    theirs, hf_tokenizer = _hf(tmp_path / "hf")
+
+    ids = prompt_ids(tokenizer, PROMPT, cfg.data)
+    assert ids == ([] if start is None else [tokenizer.token_to_id(start)]) + tokenizer.encode(PROMPT)
+    assert hf_tokenizer(PROMPT)["input_ids"] == ids
+    theirs_text = _greedy_transformers(theirs, hf_tokenizer)
+    assert _greedy_gptlab(ours, tokenizer, cfg) == theirs_text
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", PROMPT, "--temperature", "0", "--max-new-tokens", "24"]) == 0
+    assert capsys.readouterr().out == PROMPT + theirs_text + "\n"  # as a user types it, streamed
+
+    # HellaSwag's context and a scored text start as the prompt does
+    assert encode_item(tokenizer, HellaSwagItem(PROMPT, ("a", "b", "c", "d"), 0), 64, cfg.data)[0] == ids
+    with torch.no_grad():
+        logits = ours(torch.tensor([ids[:-1]]))[0][0].float()
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item()
+    scored = evaluate_text(ours, tokenizer, PROMPT, data=cfg.data, context_length=len(ids) - 1, topk=[1])
+    assert scored["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 # --------------------------------------------------------------------------- refusals

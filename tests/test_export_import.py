@@ -287,3 +287,22 @@ def test_real_gpt2_tokenizer_both_ways(shared_data, make_export_run, tmp_path):
     run = make_export_run("gpt2-real-vocab", tokenizer=gpt2, norm="layernorm", position="learned", mlp="gelu", d_model=16)
     export_hf(run, tmp_path / "exported")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "exported").encode(text, add_special_tokens=False) == expected
+
+
+@pytest.mark.parametrize("bos", ["<s>", None])
+@pytest.mark.parametrize("data", [{}, {"add_bos": True}, {"add_eos": False}], ids=["after-eos", "after-bos", "after-nothing"])
+def test_export_import_keeps_the_start_token(make_export_run, tmp_path, tiny_corpus_text, data, bos):
+    """An exported run imported back starts a prompt after the same token (gptlab.generate.start_id)."""
+    from helpers import run_copy_with
+
+    from gptlab.config import TokenizerConfig
+    from gptlab.generate import prompt_ids
+    from gptlab.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([tiny_corpus_text], TokenizerConfig(kind="bpe", vocab_size=300, bos_token=bos))
+    run = run_copy_with(make_export_run(f"import-start-{bos}", tokenizer=tok, norm="rmsnorm", position="rope", mlp="swiglu"),
+                        tmp_path / "run", **data)
+    export_hf(run, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    (_, tokenizer, cfg), (_, back_tokenizer, back_cfg) = load_run(run), load_run(tmp_path / "back")
+    assert prompt_ids(back_tokenizer, TEXT, back_cfg.data) == prompt_ids(tokenizer, TEXT, cfg.data)

@@ -5,9 +5,16 @@ import math
 import pytest
 import torch
 
-from gptlab.config import ModelConfig, SampleConfig
+from gptlab.config import DataConfig, ModelConfig, SampleConfig
 from gptlab.errors import GptlabError
-from gptlab.generate import filter_logits, generate, next_token, sample_tokens
+from gptlab.generate import (
+    filter_logits,
+    generate,
+    next_token,
+    prompt_ids,
+    sample_tokens,
+    start_id,
+)
 from gptlab.model import GPT, KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -172,3 +179,32 @@ def test_bad_inputs():
     with pytest.raises(GptlabError, match="prompt is empty"):
         generate(model, NoSpecials(), [""], SampleConfig(max_new_tokens=2))
     assert generate(model, tok, [], SampleConfig()) == []
+
+
+class BosCharTokenizer(CharTokenizer):
+    bos_id = 1  # "\n" stands in for a BOS token
+
+
+# (the tokenizer, how `data prepare` wrote the documents, the id a prompt starts after)
+START_RULES = [
+    (CharTokenizer, {}, 0),  # the defaults: each document follows the EOS that ended the one before
+    (CharTokenizer, {"add_bos": True}, 0),  # no BOS to add: still the EOS
+    (CharTokenizer, {"add_eos": False}, None),  # nothing between documents
+    (BosCharTokenizer, {}, 0),  # a BOS the data never used is not put before prompts
+    (BosCharTokenizer, {"add_bos": True}, 1),
+    (BosCharTokenizer, {"add_bos": True, "add_eos": False}, 1),
+    (BosCharTokenizer, {"add_eos": False}, None),
+]
+
+
+@pytest.mark.parametrize("tokenizer,data,start", START_RULES)
+def test_a_prompt_starts_after_the_token_every_training_document_followed(tokenizer, data, start):
+    tok, data = tokenizer(), DataConfig(**data)
+    assert start_id(tok, data) == start
+    assert prompt_ids(tok, "Tom", data) == ([] if start is None else [start]) + tok.encode("Tom")
+    model = model_of()
+    cfg = SampleConfig(temperature=0, max_new_tokens=6, stop_at_eos=False)
+    new, _ = sample_tokens(model, [prompt_ids(tok, "Tom", data)], 6, temperature=0)
+    assert generate(model, tok, ["Tom"], cfg, data=data) == [tok.decode(new[0])]
+    # an empty prompt: the start token, else (documents started after nothing) the BOS, else the EOS
+    assert prompt_ids(tok, "", data) == [start if start is not None else tok.bos_id if tok.bos_id is not None else tok.eos_id]

@@ -440,10 +440,10 @@ def _sample(args, overrides) -> int:
     outputs = [(p, i) for p in sample.prompts for i in range(sample.num_samples)]
     if len(outputs) == 1:  # one text: stream it as it comes
         print(sample.prompts[0], end="", flush=True)
-        generate(model, tokenizer, sample.prompts, sample, on_token=lambda i, text: print(text, end="", flush=True))
+        generate(model, tokenizer, sample.prompts, sample, on_token=lambda i, text: print(text, end="", flush=True), data=cfg.data)
         print()
         return 0
-    texts = generate(model, tokenizer, sample.prompts, sample)
+    texts = generate(model, tokenizer, sample.prompts, sample, data=cfg.data)
     for (prompt, i), text in zip(outputs, texts):
         print(f"--- sample {i + 1} of {prompt!r}\n{prompt}{text}\n")
     return 0

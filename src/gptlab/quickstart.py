@@ -140,7 +140,7 @@ def sample_run(run_dir: Path, cfg: Config, stream: bool = True) -> list[str]:
         if live:
             print(f"\n--- {prompt!r}\n{prompt}", end="", flush=True)
         outs = generate(model, tokenizer, [prompt], cfg.sample,
-                        on_token=(lambda i, text: print(text, end="", flush=True)) if live else None)
+                        on_token=(lambda i, text: print(text, end="", flush=True)) if live else None, data=cfg.data)
         for i, out in enumerate(outs):
             if stream and not live:
                 print(f"\n--- {prompt!r} ({i + 1} of {n})\n{prompt}{out}")

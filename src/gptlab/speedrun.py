@@ -63,7 +63,7 @@ def speedrun(cfg: Config, progress: bool = True) -> dict:
     model, tokenizer, _ = load_run(run_dir, "last")
     text = score_file.read_text(encoding="utf-8")
     scored = evaluate_text(model, tokenizer, text, name=score_file.name, batch_size=cfg.eval.batch_size,
-                           topk=[1], progress=progress)
+                           topk=[1], progress=progress, data=cfg.data)
     score_s = time.perf_counter() - clock
 
     result = {

@@ -34,7 +34,8 @@ class GptlabTeacher:
         from gptlab.runs import load_run
 
         self.name, self.device = str(run), device
-        self.model, self.tokenizer, _ = load_run(run, device=device)
+        self.model, self.tokenizer, cfg = load_run(run, device=device)
+        self.data = cfg.data  # what its prompts start after, as its documents did
 
     def continue_prompts(self, prompts: list[str], s: DistillConfig, seed: int) -> list[tuple[str, int]]:
         """(continuation, its number of tokens) for each prompt."""
@@ -43,7 +44,7 @@ class GptlabTeacher:
         if s.chat:
             raise GptlabError("--chat needs a teacher with a chat template (a Hugging Face model)", "drop --chat for a gptlab run")
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        new, _ = sample_tokens(self.model, [prompt_ids(self.tokenizer, p) for p in prompts], s.max_new_tokens,
+        new, _ = sample_tokens(self.model, [prompt_ids(self.tokenizer, p, self.data) for p in prompts], s.max_new_tokens,
                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, eos_id=self.tokenizer.eos_id,
                                generator=generator)
         return [(self.tokenizer.decode(ids), len(ids)) for ids in new]

@@ -13,7 +13,7 @@
 from gptlab.evaluate.compare import compare_runs, plot_run, read_metrics, run_summary
 from gptlab.evaluate.hellaswag import HellaSwagItem, load_hellaswag, score_hellaswag
 from gptlab.evaluate.report import evaluate_run, format_report
-from gptlab.evaluate.scoring import StreamScore, score_stream, start_token
+from gptlab.evaluate.scoring import StreamScore, score_stream
 from gptlab.evaluate.texts import (
     evaluate_data,
     evaluate_source,
@@ -37,5 +37,4 @@ __all__ = [
     "run_summary",
     "score_hellaswag",
     "score_stream",
-    "start_token",
 ]

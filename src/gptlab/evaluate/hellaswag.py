@@ -9,7 +9,8 @@ The method is lm-evaluation-harness's:
     acc_norm = argmax of score / len(preprocess(endings[i])) in characters   (lm-eval's acc_norm)
 
 plus acc_per_token (score / ending tokens, what nanoGPT/llm.c call acc_norm). The context starts
-after BOS (else EOS), as every training document does; one too long for the model's window loses its
+as `gptlab sample` starts a prompt: after the token every training document followed (the run's BOS
+or EOS, gptlab.generate.start_id); one too long for the model's window loses its
 start, so that it and its longest ending fit.
 
 Batched and shared: items are sorted by length, and a batch of them runs as one forward pass over
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gptlab.errors import GptlabError
-from gptlab.evaluate.scoring import start_token
+from gptlab.generate import prompt_ids
 
 HF_PREFIX = "hf:"
 LOCAL_HINT = "pass a local file instead, e.g. --hellaswag ../shared/data/hellaswag/hellaswag_val_preprocessed.jsonl"
@@ -142,13 +143,11 @@ def logits_at(model, idx: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def encode_item(tokenizer, item: HellaSwagItem, context_length: int, start: int | None) -> tuple[list[int], list[list[int]]]:
+def encode_item(tokenizer, item: HellaSwagItem, context_length: int, data=None) -> tuple[list[int], list[list[int]]]:
     """(context tokens, the 4 endings' tokens), the context cut from the left so that it and its longest
-    ending fit the model's window (the last ending token is only a target: T + 1 tokens fit a window of T)."""
-    context = ([start] if start is not None else []) + tokenizer.encode(item.context)
-    if not context:
-        raise GptlabError("a HellaSwag item has an empty context and the tokenizer no BOS/EOS to start from",
-                          "give items with a context")
+    ending fit the model's window (the last ending token is only a target: T + 1 tokens fit a window of T).
+    The context is encoded as `gptlab sample` encodes a prompt (after the run's start token)."""
+    context = prompt_ids(tokenizer, item.context, data)
     endings = [tokenizer.encode(" " + e)[:context_length] for e in item.endings]  # too long: the ending's start
     keep = max(1, context_length + 1 - max(map(len, endings)))
     return context[-keep:], endings
@@ -227,8 +226,12 @@ def score_hellaswag(
     precision: str = "fp32",
     progress: bool = False,
     share_context: bool = True,
+    data=None,
 ) -> dict:
     """acc, acc_norm and acc_per_token over `items`; batch_size items per forward pass.
+
+    `data` is the run's [data] section: each context starts after the token its documents started after
+    (gptlab.generate.start_id; None: as `data prepare`'s defaults put it).
 
     share_context (a gptlab GPT only): each context runs once for its 4 endings (KV cache); otherwise
     each context + ending is its own row. Both give the same log-probabilities.
@@ -240,8 +243,7 @@ def score_hellaswag(
         raise GptlabError("no HellaSwag items to score", "give a file with at least one item")
     T = context_length or model.cfg.context_length
     device = next(model.parameters()).device
-    start = start_token(tokenizer)
-    encoded = [encode_item(tokenizer, item, T, start) for item in items]
+    encoded = [encode_item(tokenizer, item, T, data) for item in items]
     score_batch = _score_shared if share_context and isinstance(model, GPT) else _score_flat
     # Longest first, so each batch's rows have similar lengths and little padding.
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]) + max(map(len, encoded[i][1])), reverse=True)

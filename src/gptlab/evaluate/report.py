@@ -53,7 +53,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
     for path in cfg.data or _own_validation_split(run_cfg, cfg, report, progress):
         report["datasets"].append(_evaluate_dataset(model, tokenizer, run_cfg, cfg, str(path), common))
     if cfg.hellaswag:
-        report["hellaswag"] = _hellaswag(model, tokenizer, cfg, precision, progress)
+        report["hellaswag"] = _hellaswag(model, tokenizer, run_cfg, cfg, precision, progress)
     if cfg.sample_tokens and cfg.prompts:
         report["samples"] = _samples(model, tokenizer, run_cfg, cfg)
     report["seconds"] = round(time.perf_counter() - started, 2)
@@ -98,11 +98,12 @@ def _as_prepared(path: str, run_cfg):
     return path
 
 
-def _hellaswag(model, tokenizer, cfg: EvalConfig, precision: str, progress: bool) -> dict:
+def _hellaswag(model, tokenizer, run_cfg, cfg: EvalConfig, precision: str, progress: bool) -> dict:
     from gptlab.evaluate.hellaswag import load_hellaswag, score_hellaswag
 
     items = load_hellaswag(cfg.hellaswag, cfg.limit)
-    result = score_hellaswag(model, tokenizer, items, batch_size=cfg.batch_size, precision=precision, progress=progress)
+    result = score_hellaswag(model, tokenizer, items, batch_size=cfg.batch_size, precision=precision, progress=progress,
+                             data=run_cfg.data)
     result.pop("logprobs")
     return {"source": cfg.hellaswag, **result}
 
@@ -112,7 +113,7 @@ def _samples(model, tokenizer, run_cfg, cfg: EvalConfig) -> list[dict]:
 
     sample_cfg = run_cfg.sample.model_copy(update={"prompts": cfg.prompts, "max_new_tokens": cfg.sample_tokens,
                                                    "num_samples": 1, "best_of": 1})
-    texts = generate(model, tokenizer, list(cfg.prompts), sample_cfg)
+    texts = generate(model, tokenizer, list(cfg.prompts), sample_cfg, data=run_cfg.data)
     return [{"prompt": p, "text": t} for p, t in zip(cfg.prompts, texts)]
 
 

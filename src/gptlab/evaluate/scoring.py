@@ -2,8 +2,9 @@
 
 How a stream is cut (the same rule for a text, a file and a prepared split):
 
-    stream   s = [start] + tokens         start = BOS, else EOS: the token every document follows in
-                                          training; not added when the tokens already begin with BOS
+    stream   s = [start] + tokens         start = the token every training document followed (the run's
+                                          BOS or EOS, gptlab.generate.start_id), as `gptlab sample` starts
+                                          a prompt; not added when the tokens already begin with it
     window k inputs  s[kT : kT+T]         T = the model's context length; consecutive, non-overlapping
              targets s[kT+1 : kT+T+1]     the last window may be shorter (its padding is not scored)
 
@@ -31,11 +32,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gptlab.errors import GptlabError
-
-
-def start_token(tokenizer) -> int | None:
-    """The token a text is scored after: BOS where the tokenizer has one, else EOS, else none."""
-    return tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
 
 
 def position_buckets(context_length: int) -> list[tuple[int, int]]:

@@ -19,15 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.config import SourceConfig, TextConfig
+from gptlab.config import DataConfig, SourceConfig, TextConfig
 from gptlab.errors import GptlabError
-from gptlab.evaluate.scoring import score_stream, start_token
+from gptlab.evaluate.scoring import score_stream
+from gptlab.generate import start_id
 
 ENCODE_BATCH = 256  # documents encoded per call
 
 
-def _score(model, tokenizer, ids, num_bytes: int | None, name: str, **kwargs) -> dict:
-    start = start_token(tokenizer)
+def _score(model, tokenizer, ids, num_bytes: int | None, name: str, data: DataConfig | None = None, **kwargs) -> dict:
+    start = start_id(tokenizer, data)  # what the text starts after: as the run's documents, as a sampled prompt
     if start is None and len(ids) and num_bytes:
         # Nothing to predict the first token from: it goes unscored, and so do its bytes.
         num_bytes -= len(tokenizer.decode([int(ids[0])]).encode("utf-8"))
@@ -78,7 +79,7 @@ def evaluate_source(
                 break
     ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     name = source.label or source.path
-    result = _score(model, tokenizer, ids, num_bytes, name, **kwargs)
+    result = _score(model, tokenizer, ids, num_bytes, name, DataConfig(add_bos=add_bos, add_eos=add_eos), **kwargs)
     return {**result, "kind": "text", "documents": documents,
             "normalize": list(text.normalize)}
 
@@ -101,7 +102,8 @@ def evaluate_split(model, tokenizer, data_dir: str | Path, split: str = "val", *
     estimated = bool(num_bytes) and n < len(tokens)
     if estimated:
         num_bytes = round(num_bytes * n / len(tokens))
-    result = _score(model, tokenizer, ids, num_bytes, f"{data_dir}:{split}", **kwargs)
+    prepared = DataConfig(add_bos=meta.get("add_bos", False), add_eos=meta.get("add_eos", True))
+    result = _score(model, tokenizer, ids, num_bytes, f"{data_dir}:{split}", prepared, **kwargs)
     return {**result, "kind": "split", "bytes_estimated": estimated}
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from gptlab.config import Config
 
+# train.optimizer as a reader knows it
+OPTIMIZERS = {"adamw": "AdamW", "muon": "Muon on the blocks' matrices and AdamW on the rest,"}
+
 
 def _read_json(path: Path) -> dict | None:
     try:
@@ -21,10 +24,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def model_card(*, name: str, family, cfg: Config, tokenizer, info: dict, run_dir: Path, parameters: int,
-               repo_id: str | None = None) -> str:
+               start: int | None, repo_id: str | None = None) -> str:
     m = cfg.model
     where = repo_id or "PATH_OR_REPO"
-    start = tokenizer.specials.bos or tokenizer.specials.eos
     lines = [
         "---",
         "library_name: transformers",
@@ -51,7 +53,7 @@ def model_card(*, name: str, family, cfg: Config, tokenizer, info: dict, run_dir
         "",
     ]
     if start is not None:
-        lines += [f"The tokenizer puts `{start}` before every text (as every training document started); "
+        lines += [f"The tokenizer puts `{tokenizer.decode([start])}` before every text (as every training document started); "
                   "`add_special_tokens=False` gives the bare ids.", ""]
     lines += [
         "## Architecture",
@@ -102,7 +104,7 @@ def _training_section(cfg: Config, info: dict, run_dir: Path) -> list[str]:
     else:
         lines.append(f"{info.get('step', 0):,} steps, {tokens or 0:,} tokens seen "
                      f"(batch {t.batch_size} x {t.grad_accum} x {cfg.model.context_length} tokens), "
-                     f"AdamW lr {t.lr:g} ({t.schedule}), weight decay {t.weight_decay:g}.")
+                     f"{OPTIMIZERS[t.optimizer]} lr {t.lr:g} ({t.schedule}), weight decay {t.weight_decay:g}.")
     if info.get("val_loss") is not None:
         lines.append(f"Validation loss at this checkpoint: {info['val_loss']:.4f}.")
     summary = _read_json(run_dir / "summary.json")

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from gptlab.config import (
     Config,
+    DataConfig,
     SampleConfig,
     TokenizerConfig,
     TrainConfig,
@@ -44,6 +45,7 @@ from gptlab.export.hf_tokenizer import (
     tokenizer_from_hf,
 )
 from gptlab.files import atomic_write_json, atomic_write_text
+from gptlab.generate import start_id
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,10 +69,11 @@ def hf_state_dict(model, family: Family, dtype: str = "float32") -> dict[str, to
     return {name: t.detach().to(DTYPES[dtype]).contiguous().clone() for name, t in sd.items()}
 
 
-def generation_config(sample: SampleConfig, ids: dict[str, int | None], context_length: int) -> dict:
-    """The run's [sample] settings as transformers' defaults for generate()."""
+def generation_config(sample: SampleConfig, ids: dict[str, int | None]) -> dict:
+    """The run's [sample] settings as transformers' defaults for generate(). The length is max_new_tokens
+    only: a max_length beside it makes transformers warn on every generate(max_new_tokens=...) call."""
     out = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"] if ids["pad"] is not None else ids["eos"],
-           "max_length": context_length}
+           "max_new_tokens": sample.max_new_tokens}
     if sample.temperature > 0:
         out |= {"do_sample": True, "temperature": sample.temperature, "top_p": sample.top_p, "top_k": sample.top_k or 0}
     return out
@@ -85,17 +88,18 @@ def export_hf(run: str | Path, out_dir: str | Path, *, which: str = "best", dtyp
     check_free(out, force, "output folder")
     model, tokenizer, cfg, checkpoint, info = load_for_export(run, which)
     family = family_for(cfg.model)
-    tokenizer_files = hf_tokenizer_files(tokenizer, cfg.model.context_length)
-    ids = special_token_ids(tokenizer)
+    start = start_id(tokenizer, cfg.data)
+    tokenizer_files = hf_tokenizer_files(tokenizer, cfg.model.context_length, start)
+    ids = special_token_ids(tokenizer, start)
     config = {**family.hf_config(cfg.model, ids), "torch_dtype": dtype}
     weights = hf_state_dict(model, family, dtype)
     card = model_card(name=repo_id or out.resolve().name, family=family, cfg=cfg, tokenizer=tokenizer, info=info,
-                      run_dir=checkpoint.parent.parent,  # RUN/checkpoints/step_N
+                      run_dir=checkpoint.parent.parent, start=start,  # RUN/checkpoints/step_N
                       parameters=model.num_params(), repo_id=repo_id)
     with building(out, force) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
-        atomic_write_json(tmp / "generation_config.json", generation_config(cfg.sample, ids, cfg.model.context_length))
+        atomic_write_json(tmp / "generation_config.json", generation_config(cfg.sample, ids))
         for name, content in tokenizer_files.items():
             atomic_write_json(tmp / name, content)
         atomic_write_text(tmp / "README.md", card)
@@ -167,6 +171,7 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, context_length: int | 
         tokenizer=TokenizerConfig(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size, bos_token=tokenizer.specials.bos,
                                   eos_token=tokenizer.specials.eos, pad_token=tokenizer.specials.pad,
                                   extra_special_tokens=list(tokenizer.specials.extra)),
+        data=_start_rule(folder, tokenizer),
         train=TrainConfig(run_dir=str(run)),
     )
     info = {"step": 0, "tokens": 0, "val_loss": None, "model": config_to_dict(model_cfg),
@@ -179,6 +184,20 @@ def import_hf(hf_dir: str | Path, run_dir: str | Path, *, context_length: int | 
     return {"run_dir": str(run), "architecture": family.architecture, "parameters": model.num_params(),
             "checkpoint": str(run / checkpoint.relative_to(tmp)), "tokenizer": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "context_length": model_cfg.context_length, "notes": notes}
+
+
+def _start_rule(folder: Path, tokenizer) -> DataConfig:
+    """The folder tokenizer's way of starting a text, as the [data] settings gptlab.generate.start_id reads:
+    its own BOS where tokenizer_config.json adds it (Llama's default; gptlab's export of a data.add_bos run);
+    else the EOS where its BOS is its EOS (GPT-2's way of saying "after the document before", and gptlab's
+    export of an EOS-separated run) or it names no BOS; nothing where it adds none (add_bos_token false)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}  # read (and checked) by tokenizer_from_hf
+    first = config.get("bos_token", tokenizer.specials.bos)
+    first = first.get("content") if isinstance(first, dict) else first
+    if config.get("add_bos_token", True):
+        return DataConfig(add_bos=first is not None and first == tokenizer.specials.bos)
+    return DataConfig() if first is not None and first == tokenizer.specials.eos else DataConfig(add_bos=False, add_eos=False)
 
 
 def _fit_vocabulary(weights: dict, cfg, tokenizer, notes: list[str]):

@@ -3,11 +3,12 @@
 Export: gptlab's bpe, gpt2 and char files already are Hugging Face
 `tokenizer.json`s (gptlab's metadata rides along at `model.gptlab`, which
 `tokenizers` ignores and which makes an exported folder import back exactly).
-What is added is a post-processor that puts the start token (BOS, else EOS)
-before every text, as every training document started and as `gptlab eval`
-scores: so `tokenizer(text)`, lm-evaluation-harness and llama.cpp see the model's
-inputs the way gptlab did; `tokenizer(text, add_special_tokens=False)` gives
-exactly gptlab's `encode(text)`.
+What is added is a post-processor that puts the run's start token before every
+text (gptlab.generate.start_id: the BOS or EOS every training document followed,
+none if the data put nothing there), as `gptlab sample` starts a prompt and
+`gptlab eval` scores: so `tokenizer(text)`, lm-evaluation-harness and llama.cpp
+see the model's inputs the way gptlab did; `tokenizer(text, add_special_tokens=False)`
+gives exactly gptlab's `encode(text)`.
 SentencePiece models have no exact tokenizer.json form and are refused.
 
 Import: a byte-level BPE with GPT-2's pre-tokenizer (GPT-2, and any folder
@@ -26,15 +27,10 @@ from gptlab.tokenizer.base import FILE_FORMAT, FILE_VERSION
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def start_token(tok: Tokenizer) -> str | None:
-    """The token every text starts after: BOS, else EOS (which ends the document before)."""
-    return tok.specials.bos or tok.specials.eos
-
-
-def special_token_ids(tok: Tokenizer) -> dict[str, int | None]:
-    """config.json's bos/eos/pad ids; "bos" is the start token, as for GPT-2 (whose BOS is its EOS)."""
-    start = start_token(tok)
-    return {"bos": None if start is None else tok.token_to_id(start), "eos": tok.eos_id, "pad": tok.pad_id}
+def special_token_ids(tok: Tokenizer, start: int | None) -> dict[str, int | None]:
+    """config.json's bos/eos/pad ids; "bos" is the start token (`start`, the id of start_id), as for GPT-2
+    (whose BOS is its EOS); with no start token, the tokenizer's own BOS (never added)."""
+    return {"bos": tok.bos_id if start is None else start, "eos": tok.eos_id, "pad": tok.pad_id}
 
 
 def check_exportable(tok: Tokenizer) -> None:
@@ -45,18 +41,22 @@ def check_exportable(tok: Tokenizer) -> None:
         )
 
 
-def hf_tokenizer_files(tok: Tokenizer, context_length: int) -> dict[str, dict]:
-    """{file name: JSON content} of tokenizer.json, tokenizer_config.json and special_tokens_map.json."""
+def hf_tokenizer_files(tok: Tokenizer, context_length: int, start: int | None) -> dict[str, dict]:
+    """{file name: JSON content} of tokenizer.json, tokenizer_config.json and special_tokens_map.json;
+    `start` is the id every text starts after (gptlab.generate.start_id), None for none."""
     check_exportable(tok)
     tokenizer_json = tok.to_file_dict()
-    start = start_token(tok)
+    bos = tok.specials.bos
     if start is not None:
-        tokenizer_json["post_processor"] = _prepend(start, tok.token_to_id(start))
-    specials = {"bos_token": start, "eos_token": tok.specials.eos, "pad_token": tok.specials.pad}
+        bos = tok.decode([start])
+        tokenizer_json["post_processor"] = _prepend(bos, start)
+    specials = {"bos_token": bos, "eos_token": tok.specials.eos, "pad_token": tok.specials.pad}
     specials = {k: v for k, v in specials.items() if v is not None}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
+        "add_bos_token": start is not None,  # what tokenizer.json's post-processor does, for readers of this file
+        "add_eos_token": False,
         "model_max_length": context_length,
         "clean_up_tokenization_spaces": False,
     }

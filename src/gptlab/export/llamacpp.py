@@ -1,8 +1,11 @@
 """`gptlab export RUN --gguf FILE`: one GGUF file for llama.cpp / Ollama, through the `gguf` package.
 
-Only Llama-expressible runs (families.Llama) without biases and with a SwiGLU MLP: what llama.cpp's
-`llama` architecture computes. The tensors are the Hugging Face Llama ones renamed by gguf's own
-name map (token_embd, blk.N.attn_q, ..., output_norm, output) and, as llama.cpp's
+Runs of RMSNorm, pre-norm and RoPE without biases, with an MLP one of llama.cpp's architectures
+computes around them: SwiGLU (`llama`) or relu2 (`arcee`, llama.cpp's src/models/arcee.cpp: up ->
+relu(x)^2 -> down). A GELU or other MLP has no such llama.cpp architecture (its GELU models, gpt2,
+starcoder2, phi2, gptneox, all use LayerNorm), so it is refused with the setting to train with.
+The tensors are the Hugging Face Llama/Arcee ones renamed by gguf's own name map (token_embd,
+blk.N.attn_q, ..., output_norm, output) and, as llama.cpp's
 convert_hf_to_gguf.py does, q and k permuted from the rotate-halves layout back to the
 interleaved pairs llama.cpp's RoPE rotates. The tokenizer goes in as a byte-level BPE
 ("gpt2" model, "gpt-2" pre-tokenizer): tokens, token types, merges, start/end ids.
@@ -21,7 +24,8 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.export.families import Llama, family_for
 from gptlab.export.hf import hf_state_dict, load_for_export
-from gptlab.export.hf_tokenizer import special_token_ids, start_token
+from gptlab.export.hf_tokenizer import special_token_ids
+from gptlab.generate import start_id
 
 
 def _gguf():
@@ -37,18 +41,30 @@ def permute_for_llamacpp(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def check_gguf_exportable(cfg, tokenizer) -> None:
-    family = family_for(cfg)  # refuses what neither family can express
+# gptlab's model.mlp -> the llama.cpp architecture (gguf.MODEL_ARCH) that computes it between RMSNorm and RoPE attention
+ARCHITECTURES = {"swiglu": "LLAMA", "relu2": "ARCEE"}
+OR_HF = "or export this run with --to hf"
+
+
+def check_gguf_exportable(cfg, tokenizer) -> str:
+    """The llama.cpp architecture (a gguf.MODEL_ARCH name) that runs cfg, or a GptlabError naming the setting to train with."""
+    family = family_for(cfg)  # refuses what no Hugging Face family can express
     if not isinstance(family, Llama):
-        raise GptlabError(f"GGUF export writes llama.cpp's llama architecture; this run is {family.name}-shaped "
+        raise GptlabError(f"GGUF export writes llama.cpp's llama or arcee architecture; this run is {family.name}-shaped "
                           f"(model.norm={cfg.norm}, model.position={cfg.position})",
-                          "export it with --to hf instead, or train with norm=rmsnorm, position=rope, mlp=swiglu")
-    blockers = [f"model.{k}={v}" for k, v, ok in (("bias", "true", not cfg.bias), ("mlp", cfg.mlp, cfg.mlp == "swiglu")) if not ok]
-    if blockers:
-        raise GptlabError(f"{blockers[0]} cannot be expressed by llama.cpp's llama architecture", "export it with --to hf instead")
+                          f"train with --model.norm=rmsnorm --model.position=rope --model.mlp=swiglu for GGUF, {OR_HF}")
+    if cfg.bias:
+        raise GptlabError("model.bias=true cannot be expressed by llama.cpp's llama or arcee architecture",
+                          f"train with --model.bias=false for GGUF, {OR_HF}")
+    if cfg.mlp not in ARCHITECTURES:
+        mlps = " or ".join(f"--model.mlp={mlp}" for mlp in ARCHITECTURES)
+        raise GptlabError(f"model.mlp={cfg.mlp} cannot be expressed by llama.cpp: its RMSNorm + RoPE architectures have a "
+                          f"{' or '.join(f'{mlp} ({arch.lower()})' for mlp, arch in ARCHITECTURES.items())} MLP",
+                          f"train with {mlps} for GGUF, {OR_HF}")
     if tokenizer.kind not in ("bpe", "gpt2"):
         raise GptlabError(f"a {tokenizer.kind} tokenizer cannot be written into GGUF by gptlab",
-                          "GGUF export needs tokenizer.kind=bpe or gpt2 (byte-level BPE)")
+                          f"train the tokenizer with --tokenizer.kind=bpe (byte-level BPE) for GGUF, {OR_HF}")
+    return ARCHITECTURES[cfg.mlp]
 
 
 def _vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
@@ -71,27 +87,28 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
         raise GptlabError(f"{path} already exists", "choose another --gguf file, or pass --force to replace it")
     model, tokenizer, cfg, checkpoint, info = load_for_export(run, which)
     m = cfg.model
-    check_gguf_exportable(m, tokenizer)
+    arch = getattr(gguf.MODEL_ARCH, check_gguf_exportable(m, tokenizer))
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, m.n_layer)
+    names = gguf.get_tensor_name_map(arch, m.n_layer)
     tensors = {}
-    for hf_name, tensor in hf_state_dict(model, Llama()).items():
+    for hf_name, tensor in hf_state_dict(model, family_for(m)).items():
         if ".q_proj." in hf_name:
             tensor = permute_for_llamacpp(tensor, m.n_head)
         elif ".k_proj." in hf_name:
             tensor = permute_for_llamacpp(tensor, m.kv_heads)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:  # a gptlab bug, not a user error: every Llama tensor has a llama.cpp name
+        if name is None:  # a gptlab bug, not a user error: every Llama/Arcee tensor has a llama.cpp name
             raise RuntimeError(f"no GGUF name for {hf_name}")
         tensors[name] = tensor.float().numpy()
 
     tokens, types, merges = _vocabulary(tokenizer)
-    ids = special_token_ids(tokenizer)
+    start = start_id(tokenizer, cfg.data)
+    ids = special_token_ids(tokenizer, start)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_name(path.stem)
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         writer.add_vocab_size(m.vocab_size)
@@ -115,7 +132,7 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
         for role, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("pad", writer.add_pad_token_id)):
             if ids[role] is not None:
                 add(ids[role])
-        writer.add_add_bos_token(start_token(tokenizer) is not None)  # the start token, as tokenizer.json adds it
+        writer.add_add_bos_token(start is not None)  # llama.cpp puts bos_token_id (the start token) before a prompt
         writer.add_add_eos_token(False)
         for name, array in tensors.items():
             writer.add_tensor(name, np.ascontiguousarray(array))

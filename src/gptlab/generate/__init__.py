@@ -6,6 +6,7 @@ from gptlab.generate.sampling import (
     next_token,
     prompt_ids,
     sample_tokens,
+    start_id,
 )
 
-__all__ = ["filter_logits", "generate", "next_token", "prompt_ids", "sample_tokens"]
+__all__ = ["filter_logits", "generate", "next_token", "prompt_ids", "sample_tokens", "start_id"]

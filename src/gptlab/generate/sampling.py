@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from gptlab.config import SampleConfig
+from gptlab.config import DataConfig, SampleConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, KVCache
 
@@ -120,15 +120,31 @@ def sample_tokens(
     return new, (logprob_sum / count.clamp(min=1)).tolist()
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt's tokens after BOS (where the tokenizer has one); an empty prompt starts from BOS or EOS,
-    which is how every training document starts (EOS ends the one before)."""
-    start = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    ids = start + tokenizer.encode(prompt)
+def start_id(tokenizer, data: DataConfig | None = None) -> int | None:
+    """The token a text starts after: the one every training document followed, as `data prepare` wrote them.
+
+    BOS where the data put one before each document (data.add_bos), else the EOS that ended the document
+    before (data.add_eos), else none. Sampling, scoring, HellaSwag and the exported tokenizers (Hugging
+    Face, GGUF) all start a text this way; `data` is the run's [data] section (None: the defaults).
+    """
+    data = data or DataConfig()
+    if data.add_bos and tokenizer.bos_id is not None:
+        return tokenizer.bos_id
+    if data.add_eos and tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    return None
+
+
+def prompt_ids(tokenizer, prompt: str, data: DataConfig | None = None) -> list[int]:
+    """The prompt's tokens after the start token (`start_id`). An empty prompt where the documents start after
+    nothing begins from the tokenizer's BOS, else its EOS (config.json's bos_token_id, else something)."""
+    start = start_id(tokenizer, data)
+    ids = ([] if start is None else [start]) + tokenizer.encode(prompt)
     if not ids:
-        if tokenizer.eos_id is None:
+        first = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if first is None:
             raise GptlabError("the prompt is empty and the tokenizer has no BOS or EOS token to start from", "give a prompt")
-        ids = [tokenizer.eos_id]
+        ids = [first]
     return ids
 
 
@@ -142,15 +158,22 @@ class _Stream:
 
     def __call__(self, step_tokens: list[int | None]) -> None:
         for row, token in enumerate(step_tokens):
-            if token is None:
-                continue
-            self.ids[row].append(token)
-            text = self.tokenizer.decode(self.ids[row])
-            if text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
-                continue
-            if len(text) > self.sent[row]:
-                self.on_token(row, text[self.sent[row] :])
-                self.sent[row] = len(text)
+            if token is not None:
+                self.ids[row].append(token)
+                self._send(row, hold_partial=True)
+
+    def finish(self) -> None:
+        """Hand on what was held back (a multi-byte character cut off by the end): the streamed text is the returned one."""
+        for row in range(len(self.ids)):
+            self._send(row, hold_partial=False)
+
+    def _send(self, row: int, hold_partial: bool) -> None:
+        text = self.tokenizer.decode(self.ids[row])
+        if hold_partial and text.endswith("\ufffd"):  # part of a multi-byte character: wait for the rest
+            return
+        if len(text) > self.sent[row]:
+            self.on_token(row, text[self.sent[row] :])
+            self.sent[row] = len(text)
 
 
 def generate(
@@ -159,6 +182,8 @@ def generate(
     prompts: list[str],
     cfg: SampleConfig,
     on_token: Callable[[int, str], None] | None = None,
+    *,
+    data: DataConfig | None = None,
 ) -> list[str]:
     """Continue each prompt cfg.num_samples times; returns the continuations (without the prompt), the
     samples of prompt i at [i * num_samples, (i + 1) * num_samples).
@@ -166,6 +191,7 @@ def generate(
     All rows run in one batch. With best_of = N > 1, max(N, num_samples) candidates are drawn per prompt and
     the num_samples with the highest mean log-probability are returned, best first. on_token(i, text)
     streams the new text of output i as it is generated (with best_of, each result once ranked).
+    `data` is the run's [data] section, which says what each prompt starts after (`start_id`).
     """
     if not prompts:
         return []
@@ -175,7 +201,7 @@ def generate(
             "sample with the tokenizer the model was trained with",
         )
     candidates = max(cfg.best_of, cfg.num_samples)
-    ids = [prompt_ids(tokenizer, p) for p in prompts for _ in range(candidates)]
+    ids = [prompt_ids(tokenizer, p, data) for p in prompts for _ in range(candidates)]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stream = _Stream(tokenizer, len(ids), on_token) if on_token is not None and candidates == cfg.num_samples else None
@@ -190,6 +216,8 @@ def generate(
         generator=generator,
         on_step=stream,
     )
+    if stream is not None:
+        stream.finish()
     texts = []
     for i in range(len(prompts)):
         group = range(i * candidates, (i + 1) * candidates)

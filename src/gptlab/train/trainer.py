@@ -521,7 +521,7 @@ class Trainer:
             return
         model.eval()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            text = generate(model, self.tokenizer, [t.sample_prompt], sample_cfg)[0]
+            text = generate(model, self.tokenizer, [t.sample_prompt], sample_cfg, data=self.cfg.data)[0]
         model.train()
         append_sample(self.run_dir, self.step, t.sample_prompt, text)
         self._print(f"step {self.step} sample: {(t.sample_prompt + text)[:200]!r}")
