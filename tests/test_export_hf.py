@@ -130,6 +130,7 @@ def test_model_card_describes_the_run(make_export_run, tmp_path):
     assert "| layers x width | 2 x 32 |" in card and "| MLP | gelu, hidden 128 |" in card
     assert "1,234 tokens seen" in card and "3.2500" in card  # tokens seen, validation loss
     assert "stories.txt" in card  # the data folder's source, from its meta.json
+    assert str(tmp_path.parent) not in card and str(run.parent) not in card  # a local source by its file name only
     assert "| val | 2.5000 | 12.18 | 0.9100 |" in card and "acc_norm 0.3000" in card
 
 

@@ -76,18 +76,24 @@ def model_card(*, name: str, family, cfg: Config, tokenizer, info: dict, run_dir
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _public_name(path: str) -> str:
+    """A source as a published card names it: a Hub dataset as is, a local file by its name only (its folders
+    are the author's machine, not the model's description)."""
+    return path if path.startswith("hf:") else Path(path).name
+
+
 def _data_section(cfg: Config) -> list[str]:
     meta = _read_json(Path(cfg.train.data_dir) / "meta.json")
     lines = ["## Data", ""]
     if meta is None:
-        sources = [s.label or s.path for s in cfg.data.sources]
+        sources = [_public_name(s.label or s.path) for s in cfg.data.sources]
         lines.append(f"Trained on: {', '.join(sources)}." if sources else "The training data's description was not available at export.")
         return lines + [""]
     lines += ["| source | role | documents | tokens |", "|---|---|---|---|"]
     for s in meta.get("sources", []):
         docs = sum(v.get("documents", 0) for v in s.values() if isinstance(v, dict))
         tokens = sum(v.get("tokens", 0) for v in s.values() if isinstance(v, dict))
-        lines.append(f"| {s.get('label') or s.get('path')} | {s.get('role', '')} | {docs:,} | {tokens:,} |")
+        lines.append(f"| {_public_name(s.get('label') or s.get('path', '?'))} | {s.get('role', '')} | {docs:,} | {tokens:,} |")
     splits = meta.get("splits", {})
     parts = [f"{name} {split.get('tokens', 0):,} tokens" for name, split in splits.items()]
     lines += ["", f"Prepared data: {', '.join(parts)}; documents end with EOS"
