@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import csv
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -36,9 +37,10 @@ SEPARATOR = "<|endoftext|>"
 
 
 def shared_data() -> Path | None:
-    """$GPTLAB_SHARED_DATA, else shared/data inside or beside the checkout (as tests/helpers.py finds it)."""
-    candidates = [os.environ.get("GPTLAB_SHARED_DATA"), REPO / "shared" / "data", REPO.parent / "shared" / "data"]
-    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
+    """$GPTLAB_SHARED_DATA where it is set (as in tests/helpers.py), else shared/data inside or beside the checkout."""
+    env = os.environ.get("GPTLAB_SHARED_DATA")
+    candidates = [Path(env)] if env else [REPO / "shared" / "data", REPO.parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), None)
 
 
 def last_line(**values) -> None:
@@ -69,13 +71,12 @@ def env(args) -> int:
         print(f"device: {props.name}, compute capability {props.major}.{props.minor}, "
               f"{props.total_memory / 2**30:.0f} GiB, bf16 {torch.cuda.is_bf16_supported()}, "
               f"{torch.cuda.device_count()} visible")
-    name = torch.cuda.get_device_name(0) if cuda else "cpu"
-    last_line(gpu=name.replace(" ", "_"))
-    if not cuda and not args.dry_run:
+    missing = not cuda and not args.dry_run
+    if missing:
         print("error: torch.cuda.is_available() is False (a CPU build of torch, or no driver); "
-              "--dry-run checks the script on a CPU", file=sys.stderr)
-        return 1
-    return 0
+              "--dry-run checks the script on a CPU", flush=True)
+    last_line(gpu=torch.cuda.get_device_name(0).replace(" ", "_") if cuda else "cpu")
+    return 1 if missing else 0
 
 
 # --------------------------------------------------------------------------- data
@@ -101,24 +102,18 @@ def write_corpus(path: Path, size: int) -> str:
 
 
 def generated_stories(size: int) -> str:
-    """TinyStories-like text from a fixed seed: enough for a throughput check where no corpus is at hand."""
+    """Stories of pseudo-words from a fixed seed, where no corpus is at hand: Zipf-distributed over 40k
+    made-up words, so that a BPE reaches GPT-2's 50,257 tokens on them and the model keeps the preset's shape."""
     rng = random.Random(0)
-    names = ["Lily", "Tom", "Ben", "Sue", "Max", "Mia", "Sam", "Anna"]
-    things = ["ball", "kite", "cake", "dog", "boat", "tree", "hat", "book", "bird", "car"]
-    adjectives = ["red", "big", "little", "shiny", "happy", "old", "soft", "blue"]
-    places = ["park", "garden", "house", "sea", "forest", "school"]
-    verbs = ["found", "lost", "painted", "shared", "saw", "wanted", "made", "hugged"]
+    syllables = [a + b for a in "bcdfghklmnprstvwz" for b in ("a", "e", "i", "o", "u", "ai", "ou", "ee")]
+    lexicon = list(dict.fromkeys("".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(40_000)))
+    zipf = list(itertools.accumulate(1 / rank for rank in range(1, len(lexicon) + 1)))
     stories, total = [], 0
     while total < size:
-        name, friend = rng.sample(names, 2)
-        sentences = [f"Once upon a time there was a {rng.choice(adjectives)} {rng.choice(things)} named {name}."]
-        for _ in range(rng.randint(3, 8)):
-            sentences.append(f"{rng.choice([name, friend, 'The ' + rng.choice(things)])} {rng.choice(verbs)} a "
-                             f"{rng.choice(adjectives)} {rng.choice(things)} in the {rng.choice(places)}.")
-        sentences.append(f"{name} and {friend} were very happy.")
-        story = " ".join(sentences) + f"\n{SEPARATOR}\n"
-        stories.append(story)
-        total += len(story)
+        words = rng.choices(lexicon, cum_weights=zipf, k=rng.randint(40, 200))
+        sentences = [" ".join(words[i:i + 9]).capitalize() + rng.choice(".!?") for i in range(0, len(words), 9)]
+        stories.append(" ".join(sentences) + f"\n{SEPARATOR}\n")
+        total += len(stories[-1])
     return "".join(stories)
 
 
@@ -230,7 +225,7 @@ def main() -> int:
     p.add_argument("--bytes", type=int, default=8_000_000, help="corpus size")
     p.add_argument("--tokenizer", choices=["auto", "bpe"], default="auto",
                    help="auto: GPT-2's where shared/data has it, else a BPE trained on the corpus")
-    p.add_argument("--bpe-vocab", type=int, default=8192, help="the BPE's size")
+    p.add_argument("--bpe-vocab", type=int, default=50257, help="the BPE's size (at most)")
     p.add_argument("--workers", type=int, default=0, help="data.workers (0: all cores)")
     p = sub.add_parser("report")
     p.add_argument("run")
