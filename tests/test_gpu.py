@@ -46,6 +46,11 @@ def last_state(run_dir) -> dict:
     return torch.load(checkpoint_dirs(run_dir)[-1] / "state.pt", weights_only=True)
 
 
+def logits_and_loss(model, x, y):
+    logits, _ = model(x)
+    return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_training_learns_without_nan(tiny_shards, tmp_path, precision):
     run = tmp_path / "run"
@@ -98,12 +103,12 @@ def test_sdpa_runs_flash_attention_and_matches_the_plain_reference():
     # Only the flash kernel allowed: SDPA raises rather than fall back; the profiler names the kernel that ran.
     with profile(activities=[ProfilerActivity.CPU]) as prof, sdpa_kernel([SDPBackend.FLASH_ATTENTION]), \
             torch.autocast(DEVICE, dtype=torch.bfloat16):
-        logits, loss = fused(x, y, return_logits=True)
+        logits, loss = logits_and_loss(fused, x, y)
         loss.backward()
     ops = {event.key for event in prof.key_averages()}
     assert any("flash_attention" in op for op in ops), sorted(ops)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        ref_logits, ref_loss = plain(x, y, return_logits=True)
+        ref_logits, ref_loss = logits_and_loss(plain, x, y)
         ref_loss.backward()
 
     torch.testing.assert_close(logits.float(), ref_logits.float(), atol=3e-2, rtol=3e-2)
@@ -138,7 +143,7 @@ def test_adamw_is_fused_on_the_gpu_and_steps_as_the_foreach_kernel_does(optimize
     x, y = torch.randint(0, 64, (2, 4, 32), device=DEVICE)
     for _ in range(3):
         for net, opt in ((model, adamw), (reference, unfused)):
-            net(x, y)[1].backward()
+            logits_and_loss(net, x, y)[1].backward()
             opt.step()
             opt.zero_grad()
     for name, p in model.named_parameters():
@@ -160,10 +165,10 @@ def test_kv_cache_generation_batched_equals_one_by_one_and_the_cpu():
     assert batched == alone == reference
 
 
-@pytest.mark.parametrize("mode, precision, tolerance", [("ddp", "fp32", 1e-4), ("fsdp", "bf16", 5e-2)])
+@pytest.mark.parametrize("mode, precision, tolerance", [("ddp", "fp32", 1e-4), ("fsdp", "bf16", 0.1)])
 def test_one_gpu_under_torchrun_trains_over_nccl_as_one_process(tiny_shards, tmp_path, mode, precision, tolerance):
     """torchrun --nproc_per_node 1: the NCCL process group, DDP or FSDP2 around the model, sharded checkpoints;
-    the same curve as a single process (FSDP's bf16 weights differ from autocast's by rounding)."""
+    the same curve as a single process (under FSDP's bf16 weights the residual stream is bf16 too: looser)."""
     single = tmp_path / "single"
     train(on_gpu(tiny_shards, single, precision), verbose=False)
     run = tmp_path / "run"
@@ -177,6 +182,7 @@ def test_one_gpu_under_torchrun_trains_over_nccl_as_one_process(tiny_shards, tmp
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["device"], summary["processes"], summary["distributed"]) == (DEVICE, 1, mode)
     assert losses(run) == pytest.approx(losses(single), abs=tolerance)
+    assert losses(run)[-1] < losses(run)[0] - tolerance  # it learns
     assert (checkpoint_dirs(run)[-1] / "dcp").is_dir()
     model, _, _ = load_run(run, "last", device=DEVICE)  # the gathered model.safetensors reads as any run's
     assert model.cfg.n_layer == 2
