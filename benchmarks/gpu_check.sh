@@ -14,7 +14,8 @@
 #                                             # of 512, 6 steps, fp32, no compile (CI: tests/test_gpu_check.py)
 #
 # Every stage's log goes to $OUT (default ./gpu_check_out), with the run's metrics.csv and summary.json:
-# 7 files. Shared data is looked for in $GPTLAB_SHARED_DATA, then shared/data inside or beside the checkout.
+# 7 files. Shared data is looked for in $GPTLAB_SHARED_DATA, then shared/data inside or beside the checkout;
+# $PYTHON (default python3) runs everything.
 # The last line is
 #   RESULT gpu=... tokens_per_s=... mfu=... gen_tokens_per_s=... tests=passed|failed|skipped
 # and the exit code is 1 when any stage failed (each failure is named just before it).
@@ -27,11 +28,11 @@ case "${1:-}" in
   *) echo "usage: bash benchmarks/gpu_check.sh [--dry-run]" >&2; exit 2 ;;
 esac
 
+OUT=${OUT:-gpu_check_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # from where the script was started
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
-OUT=${OUT:-$PWD/gpu_check_out}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 # This checkout's gptlab, installed or not; output as it comes; tqdm's bar redrawn rarely in a log file.
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10

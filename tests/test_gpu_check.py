@@ -7,6 +7,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ def test_gpu_check_dry_run_goes_through_every_stage_and_reports(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=180,
-                          env={**os.environ, "OUT": str(out), "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-6000:]
     last = proc.stdout.strip().splitlines()[-1]
     result = dict(re.findall(r"(\w+)=(\S+)", last))
