@@ -97,9 +97,12 @@ fi
 tokens_per_s=na mfu=na gen_tokens_per_s=na
 if stage data "$LIMIT_DATA" "$PY" benchmarks/gpu_check.py data --work "$WORK" "${DATA_ARGS[@]}"; then
   RUN="$WORK/run"
-  if stage train "$LIMIT_TRAIN" "$PY" -m gptlab train --data-dir "$(value data data_dir)" --run "$RUN" \
-       "--model.vocab_size=$(value data vocab_size)" "--train.device=$DEVICE" "${TRAIN_ARGS[@]}"; then
-    cp "$RUN/metrics.csv" "$RUN/summary.json" "$OUT/" || failed+=(copy)
+  stage train "$LIMIT_TRAIN" "$PY" -m gptlab train --data-dir "$(value data data_dir)" --run "$RUN" \
+    "--model.vocab_size=$(value data vocab_size)" "--train.device=$DEVICE" "${TRAIN_ARGS[@]}" && trained=1 || trained=0
+  for file in metrics.csv summary.json; do  # also what a failed run left
+    [[ -f "$RUN/$file" ]] && cp "$RUN/$file" "$OUT/"
+  done
+  if (( trained )); then
     # the report goes at the end of train.log, so that its last line holds the values
     "$PY" benchmarks/gpu_check.py report "$RUN" 2>&1 | tee -a "$OUT/train.log" || failed+=(report)
     tokens_per_s=$(value train tokens_per_s) mfu=$(value train mfu)
