@@ -154,13 +154,13 @@ def test_kv_cache_generation_batched_equals_one_by_one_and_the_cpu():
     # Weights far from zero spread the logits, so that greedy choices are not near ties between devices.
     cfg = ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, context_length=48, init_std=0.2)
     torch.manual_seed(0)
-    on_cpu = GPT(cfg).eval()
-    on_gpu_ = copy.deepcopy(on_cpu).to(DEVICE)
+    cpu_model = GPT(cfg).eval()
+    gpu_model = copy.deepcopy(cpu_model).to(DEVICE)
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12], [4, 4]]
     new = 40  # within the context (6 + 40 < 48): past it, a padded batch starts its window again earlier
-    batched, _ = sample_tokens(on_gpu_, prompts, new, temperature=0)
-    alone = [sample_tokens(on_gpu_, [p], new, temperature=0)[0][0] for p in prompts]
-    reference, _ = sample_tokens(on_cpu, prompts, new, temperature=0)
+    batched, _ = sample_tokens(gpu_model, prompts, new, temperature=0)
+    alone = [sample_tokens(gpu_model, [p], new, temperature=0)[0][0] for p in prompts]
+    reference, _ = sample_tokens(cpu_model, prompts, new, temperature=0)
     assert all(len(row) == new for row in batched)
     assert batched == alone == reference
 
