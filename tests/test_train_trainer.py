@@ -17,7 +17,7 @@ from gptlab.errors import GptlabError
 from gptlab.runs import checkpoint_dirs, load_run
 from gptlab.train import resume_config, train
 from gptlab.train.step import TrainStep
-from gptlab.train.trainer import Trainer
+from gptlab.train.validator import Validator
 
 
 def test_run_directory_holds_config_tokenizer_metrics_plots_samples_and_checkpoints(tiny_shards, tmp_path):
@@ -116,12 +116,22 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_sh
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tiny_shards, tmp_path, monkeypatch):
     losses = iter([3.0, 2.5, 2.6, 2.7, 2.4])
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"loss": next(losses), "perplexity": 1.0})
+    monkeypatch.setattr(Validator, "evaluate", lambda self: {"loss": next(losses), "perplexity": 1.0})
     run = tmp_path / "run"
     summary = train(tiny_config(tiny_shards, run, "--train.max_steps=100", "--train.eval_every=2",
                                 "--train.early_stop_patience=2"), verbose=False)
     assert summary["stopped"] == "early_stop" and summary["steps"] == 8  # evaluations at 2, 4 (best), 6, 8
     assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"checkpoint": "step_0000004", "val_loss": 2.5}
+
+
+def test_a_tie_with_the_best_validation_loss_keeps_the_earlier_best(tiny_shards, tmp_path, monkeypatch):
+    losses = iter([3.0, 2.5, 2.5, 2.5])
+    monkeypatch.setattr(Validator, "evaluate", lambda self: {"loss": next(losses), "perplexity": 1.0})
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_shards, run, "--train.eval_every=2", "--train.keep_last=1"), verbose=False)
+    assert summary["best_val_loss"] == 2.5 and summary["best_checkpoint"].endswith("step_0000004")
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"checkpoint": "step_0000004", "val_loss": 2.5}
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000004", "step_0000008"]  # the best is kept
 
 
 @pytest.mark.parametrize("limit, stopped, steps", [("--train.max_tokens=300", "max_tokens", 3),
