@@ -6,16 +6,26 @@
         metrics.csv        step, tokens, loss, val_loss, val_bpb, lr, grad_norm, tokens_per_s, mfu, elapsed
         loss.png, lr.png   redrawn at every evaluation
         samples.md         a sample every train.sample_every steps
-        summary.json       written when the run ends (why it stopped, final losses)
+        summary.json       written when the run ends (why it stopped, final losses, versions)
         checkpoints/       see checkpoint.py
 
-Host syncs (`.item()`) happen only at log, evaluation and checkpoint steps; in
-between, the loss and gradient norm stay on the device. A loss that becomes
-NaN/inf is therefore caught at the next of those steps, before any checkpoint
-is written, so the last checkpoint on disk is always a good one.
+The Trainer sets up the parts and runs one flat loop over them: TrainStep
+(step.py), a Checkpointer (checkpoint.py), a Validator (validator.py), a
+RunClock paused around everything that is not training (clock.py), the checks
+before anything starts (preflight.py). Each pass of the loop first finishes the
+step just taken -- its row, evaluation, checkpoint, sample -- then takes the
+next one; the pass that finds a limit, a signal or early stopping finishes its
+step the same way and ends the loop (`stopped`): the final save is no tail.
+
+Host syncs (`.item()`) happen only at log, evaluation, sample and checkpoint
+steps; in between, the loss and gradient norm stay on the device. A loss that
+becomes NaN/inf is therefore caught at the next of those steps, before any
+checkpoint is written or sample drawn, so the last checkpoint on disk is always
+a good one.
 
 Under torchrun (distributed.py) every rank runs this same loop on its slice of
-each batch. Everything that decides what happens next -- the loss logged, the
+each batch; a process alone is a world of one whose collectives return their
+input. Everything that decides what happens next -- the loss logged, the
 validation loss, stopping on a limit or a signal -- is agreed between the ranks,
 so they always take the same branch and meet at the same collectives; only rank
 0 prints and writes the run directory's files.
@@ -26,9 +36,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +60,7 @@ from gptlab.train.metrics import (
     append_sample,
 )
 from gptlab.train.optim import build_optimizer, learning_rate
+from gptlab.train.signals import StopSignals
 from gptlab.train.step import TrainStep
 from gptlab.train.validator import Validator
 
@@ -184,7 +192,7 @@ class Trainer:
             self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
         else:
             self.metrics = MemoryRows()
-        self.stop_signal: str | None = None
+        self.signals = StopSignals(relayed=distributed.launched_by_torchrun())
 
     # ------------------------------------------------------------------ the loop
 
@@ -198,10 +206,10 @@ class Trainer:
         self.model.train()
         clock.start()
         try:
-            with self._stop_on_signals():
+            with self.signals.caught():
                 while True:
                     elapsed = self._agree_elapsed_and_signals()
-                    stopped = self._limit_reached(elapsed) or ("interrupted" if self.stop_signal else None)
+                    stopped = self._limit_reached(elapsed) or ("interrupted" if self.signals.name else None)
                     trained = self.step > first  # this step was trained here, not loaded from a checkpoint
                     with clock.paused():  # evaluation, sampling and checkpoints are not training time
                         evaluate = trained and (self.step % t.eval_every == 0 or stopped not in (None, "interrupted"))
@@ -289,10 +297,9 @@ class Trainer:
         """The training time the limits and the schedule go by. Distributed, the ranks agree on it (the
         slowest rank's) and on a stop signal any of them received: one tiny CPU all-reduce a step, so that
         all ranks stop at the same step and use the same learning rate."""
-        number = signal.Signals[self.stop_signal].value if self.stop_signal else 0
-        elapsed, signum = self.dist.agree(self.clock.elapsed(), number)
-        if signum and not self.stop_signal:
-            self.stop_signal = signal.Signals(int(signum)).name
+        elapsed, signum = self.dist.agree(self.clock.elapsed(), self.signals.number)
+        if signum and not self.signals.name:
+            self.signals.name = signal.Signals(int(signum)).name
         self.clock.at_least(elapsed)
         return elapsed
 
@@ -330,38 +337,13 @@ class Trainer:
         }
         if self.dist.main:
             atomic_write_json(self.run_dir / "summary.json", summary)
-        how = {"interrupted": f"interrupted by {self.stop_signal}; resume with: gptlab train --resume {self.run_dir}",
+        how = {"interrupted": f"interrupted by {self.signals.name}; resume with: gptlab train --resume {self.run_dir}",
                "early_stop": f"stopped early: no better validation loss in {self.cfg.train.early_stop_patience} evaluations"}
         self._print(how.get(stopped, f"done ({stopped})") + f"; {self.step} steps, {self.tokens:,} tokens in {elapsed:.0f} s"
                     + (f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""))
         return summary
 
-    # ------------------------------------------------------------------ signals and printing
-
-    @contextmanager
-    def _stop_on_signals(self):
-        """Ctrl-C / SIGTERM finish the current step, save a checkpoint and return; a second Ctrl-C stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        first: list[float] = []
-        relayed = distributed.launched_by_torchrun()
-
-        def request_stop(signum, frame):
-            # Under torchrun a Ctrl-C arrives twice within moments (from the terminal, then relayed by the
-            # agent): only a second signal more than a second later means "stop at once".
-            if self.stop_signal and not (relayed and time.monotonic() - first[0] < 1.0):
-                raise KeyboardInterrupt
-            if not self.stop_signal:
-                self.stop_signal = signal.Signals(signum).name
-                first.append(time.monotonic())
-
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+    # ------------------------------------------------------------------ progress and printing
 
     def _progress_bar(self) -> tqdm:
         # A run limited only by time shows its progress in seconds, any other in steps.
