@@ -14,6 +14,7 @@ from helpers import read_metrics, tiny_config, weights
 
 import gptlab
 from gptlab.config import load_config
+from gptlab.device import peak_flops
 from gptlab.errors import GptlabError
 from gptlab.runs import checkpoint_dirs, load_run
 from gptlab.train import distributed, resume_config, train
@@ -109,6 +110,13 @@ def test_resume_with_dropout_is_exact_although_set_up_draws_random_numbers(tiny_
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path))  # a cold cache: it measures
+    before = torch.get_rng_state()
+    assert peak_flops(torch.device("cpu"), torch.float32, seconds=0.05) > 0
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_each_rank_draws_its_own_dropout_masks_from_the_same_weights(tiny_shards, tmp_path, single_thread):

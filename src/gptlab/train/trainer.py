@@ -147,6 +147,7 @@ class Trainer:
         if weights_from:
             runs.load_weights(self.model, weights_from)
         self.flops_per_token = self.model.flops_per_token()
+        weight_names = list(runs.unique_tensors(self.model))  # what model.safetensors keeps (before FSDP shards it)
         # self.model is the GPT (sharded in place under FSDP); self.wrapped is what the training step runs.
         self.wrapped = dist.wrap(self.model, self.precision)
         self.optimizer = build_optimizer(self.model, t, self.device)
@@ -158,7 +159,7 @@ class Trainer:
         about = {"model": config_to_dict(cfg.model), "tokenizer_checksum": self.tokenizer.checksum,
                  "data_fingerprint": preflight.data_fingerprint(self.meta)}
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_last, dist, self.model, self.wrapped, self.optimizer,
-                                              list(runs.unique_tensors(self.model)), about)
+                                              weight_names, about)
         self.validator = Validator(self.model, self.data_dir, cfg.model.context_length, t.batch_size, t.eval_batches,
                                    t.early_stop_patience, self.precision, dist, has_val, val_bytes_per_token)
         state = self.checkpointer.load(resume_from) if resume_from else {}
