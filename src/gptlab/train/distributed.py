@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -78,6 +78,10 @@ class Dist:
     def from_main(self, value):
         return value
 
+    def on_main(self, compute: Callable[[], Any]):
+        """compute() run on rank 0 only, its result on every rank (a measurement all must go by)."""
+        return compute()
+
     def gather(self, value) -> list:
         """Every rank's value, in rank order, on every rank."""
         return [value]
@@ -112,6 +116,9 @@ class Group(Dist):
 
     def from_main(self, value):
         return from_main(value)
+
+    def on_main(self, compute: Callable[[], Any]):
+        return from_main(compute() if self.main else None)
 
     def gather(self, value) -> list:
         box = [None] * self.world_size

@@ -170,8 +170,7 @@ class Trainer:
             self.validator.load_state_dict(state)
 
         # MFU is measured against every device's peak; rank 0 measures it and decides compile for all.
-        peak = t.peak_flops or (peak_flops(self.device, DTYPES[self.precision]) if dist.main else 0.0)
-        self.peak = dist.from_main(peak) * dist.world_size
+        self.peak = (t.peak_flops or dist.on_main(lambda: peak_flops(self.device, DTYPES[self.precision]))) * dist.world_size
         self.compile = dist.pick_compile(t.compile, self.expected_seconds())
         self.teacher = preflight.load_teacher(cfg, self.tokenizer, self.data_dir, self.device) if t.teacher else None
         self.train_step = TrainStep(self.wrapped, self.optimizer, self.device, self.precision, t.grad_clip, self.compile,
