@@ -98,8 +98,8 @@ def test_a_folder_left_by_a_killed_save_is_removed_by_the_next_and_a_killed_best
     assert [p.name for p in checkpoint_dirs(run)] == ["step_0000002"]
 
 
-def test_load_puts_the_optimizer_state_back_and_every_checkpoint_loads_as_a_run(parts, tiny_model_config):
-    make, run = parts
+def test_load_puts_the_optimizer_state_back(parts):
+    make, _ = parts
     c = make()
     path = c.save(1, 10, {"step": 1})
     saved = c.optimizer.state_dict()

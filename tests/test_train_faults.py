@@ -73,7 +73,7 @@ SETTINGS = ["--model.dropout=0.1", "--train.max_steps=16", "--train.eval_every=4
 
 def attempt(point: str, n: int, *argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", DRIVER, point, str(n), *argv], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          check=False, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_training_killed_at_random_moments_and_resumed_ends_with_the_uninterrupted_weights(tiny_shards, tmp_path):
@@ -100,7 +100,9 @@ def test_training_killed_at_random_moments_and_resumed_ends_with_the_uninterrupt
     assert len(kills) == 3, kills
     assert json.loads((run / "summary.json").read_text())["steps"] == 16
 
-    curve = lambda r: [(row["step"], row["loss"], row["val_loss"]) for row in read_metrics(r)]  # noqa: E731
+    def curve(r):
+        return [(row["step"], row["loss"], row["val_loss"]) for row in read_metrics(r)]
+
     assert curve(run) == curve(straight)
     a, b = weights(straight), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -131,6 +133,5 @@ def test_data_prepare_killed_midway_and_resumed_writes_the_same_shards(tiny_toke
     shards = sorted(p.name for p in whole.glob("*.bin"))
     assert len(shards) > 10 and shards == sorted(p.name for p in out.glob("*.bin"))
     assert all((whole / name).read_bytes() == (out / name).read_bytes() for name in shards)
-    splits = lambda d: json.loads((d / "meta.json").read_text())["splits"]  # noqa: E731
-    assert splits(out) == splits(whole)
+    assert json.loads((out / "meta.json").read_text())["splits"] == json.loads((whole / "meta.json").read_text())["splits"]
     assert not list(out.glob(".*"))  # no partial shard or progress file left

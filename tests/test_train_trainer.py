@@ -23,6 +23,11 @@ from gptlab.train.trainer import Trainer
 from gptlab.train.validator import Validator
 
 
+def curve(run) -> list[tuple]:
+    """(step, loss, val_loss) of every metrics row, as written."""
+    return [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(run)]
+
+
 def test_run_directory_holds_config_tokenizer_metrics_plots_samples_and_checkpoints(tiny_shards, tmp_path):
     run = tmp_path / "run"
     cfg = tiny_config(tiny_shards, run, "--train.sample_every=4", "--train.sample_tokens=8",
@@ -83,8 +88,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tiny_shards, tm
     second = train(resume_config(tmp_path / "split"), resume=True, verbose=False)
     assert second["stopped"] == "max_steps" and second["steps"] == 8 == straight["steps"]
 
-    losses = lambda run: [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(run)]  # noqa: E731
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    assert curve(tmp_path / "split") == curve(tmp_path / "straight")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -106,8 +110,7 @@ def test_resume_with_dropout_is_exact_although_set_up_draws_random_numbers(tiny_
     train(config(tmp_path / "split", "--train.max_steps=4"), verbose=False)
     train(config(tmp_path / "split"), resume=True, verbose=False)
 
-    losses = lambda run: [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(run)]  # noqa: E731
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    assert curve(tmp_path / "split") == curve(tmp_path / "straight")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
