@@ -155,6 +155,20 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, tmp_path, sav
 
 
 @pytest.mark.slow
+def test_two_processes_with_dropout_resume_exactly(tiny_shards, tmp_path):
+    """10 steps + resume + 10 steps == 20 steps, bit for bit, with dropout: every rank's RNG is in the checkpoint."""
+    extra = ["--model.dropout=0.2", "--train.schedule=constant"]
+    run(torchrun(["-r", str(tmp_path / "straight"), *settings(tiny_shards, *extra)]))
+    run(torchrun(["-r", str(tmp_path / "split"), *settings(tiny_shards, *extra, "--train.max_steps=10")]))
+    assert len(torch.load(tmp_path / "split" / "checkpoints" / "step_0000010" / "state.pt", weights_only=True)["rng"]) == 2
+    run(torchrun(["--resume", str(tmp_path / "split"), f"--train.max_steps={STEPS}", "-q"]))
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    got, _, _ = load_run(tmp_path / "split", "last")
+    want, _, _ = load_run(tmp_path / "straight", "last")
+    assert all(torch.equal(got.state_dict()[k], t) for k, t in want.state_dict().items())
+
+
+@pytest.mark.slow
 def test_two_nodes_on_localhost_meet_through_the_c10d_rendezvous(runs, tiny_shards, tmp_path):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("localhost", 0))
@@ -289,7 +303,8 @@ def test_nproc_checks_the_settings_then_launches_torchrun_on_a_copy_of_the_confi
 def test_a_worker_of_nproc_trains_instead_of_launching_again(tiny_shards, tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("launched torchrun from a worker"))
     monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
-    monkeypatch.setattr(distributed, "process_group", contextlib.contextmanager(lambda cfg: iter([None])))
+    alone = distributed.Dist(torch.device("cpu"))  # what process_group gives a process that torchrun did not start
+    monkeypatch.setattr(distributed, "process_group", contextlib.contextmanager(lambda cfg: iter([alone])))
     assert main(["train", "--nproc", "2", "-q", "--run", str(tmp_path / "run"), *settings(tiny_shards)]) == 0
     assert (tmp_path / "run" / "summary.json").is_file()
 

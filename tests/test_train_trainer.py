@@ -12,12 +12,20 @@ import pytest
 import torch
 from helpers import read_metrics, tiny_config, weights
 
+import gptlab
 from gptlab.config import load_config
+from gptlab.device import peak_flops
 from gptlab.errors import GptlabError
 from gptlab.runs import checkpoint_dirs, load_run
-from gptlab.train import resume_config, train
+from gptlab.train import distributed, resume_config, train
 from gptlab.train.step import TrainStep
 from gptlab.train.trainer import Trainer
+from gptlab.train.validator import Validator
+
+
+def curve(run) -> list[tuple]:
+    """(step, loss, val_loss) of every metrics row, as written."""
+    return [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(run)]
 
 
 def test_run_directory_holds_config_tokenizer_metrics_plots_samples_and_checkpoints(tiny_shards, tmp_path):
@@ -27,6 +35,8 @@ def test_run_directory_holds_config_tokenizer_metrics_plots_samples_and_checkpoi
     summary = train(cfg, verbose=False)
 
     assert summary["stopped"] == "max_steps" and summary["steps"] == 8
+    assert summary["versions"] == {"gptlab": gptlab.__version__, "torch": torch.__version__}
+    assert json.loads((run / "summary.json").read_text())["versions"] == summary["versions"]
     assert summary["tokens"] == 8 * 4 * 32
     for name in ["config.toml", "tokenizer.json", "metrics.csv", "loss.png", "lr.png", "samples.md", "summary.json"]:
         assert (run / name).is_file(), name
@@ -78,10 +88,49 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(tiny_shards, tm
     second = train(resume_config(tmp_path / "split"), resume=True, verbose=False)
     assert second["stopped"] == "max_steps" and second["steps"] == 8 == straight["steps"]
 
-    losses = lambda run: [(r["step"], r["loss"], r["val_loss"]) for r in read_metrics(run)]  # noqa: E731
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    assert curve(tmp_path / "split") == curve(tmp_path / "straight")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_dropout_is_exact_although_set_up_draws_random_numbers(tiny_shards, tmp_path, monkeypatch,
+                                                                          make_export_run):
+    """4 steps + resume + 4 steps == 8 steps, bit for bit, with dropout, while start-up measures the peak FLOP/s
+    (a cold cache, as on a new machine) and builds a teacher: neither may move the dropout masks' RNG."""
+    teacher = make_export_run("teacher")
+
+    def config(run, *extra):
+        cfg = tiny_config(tiny_shards, run, "--model.dropout=0.2", "--train.schedule=constant",
+                          f"--train.teacher={str(teacher)!r}", "--train.distill_weight=0.5", *extra)
+        cfg.train.peak_flops = None  # measured at start-up
+        monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path / f"cache-{run.name}-{len(extra)}"))  # cold every time
+        return cfg
+
+    train(config(tmp_path / "straight"), verbose=False)
+    train(config(tmp_path / "split", "--train.max_steps=4"), verbose=False)
+    train(config(tmp_path / "split"), resume=True, verbose=False)
+
+    assert curve(tmp_path / "split") == curve(tmp_path / "straight")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_measuring_the_peak_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path))  # a cold cache: it measures
+    before = torch.get_rng_state()
+    assert peak_flops(torch.device("cpu"), torch.float32, seconds=0.05) > 0
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_the_same_weights(tiny_shards, tmp_path, single_thread):
+    masks, states = [], []
+    for rank in (0, 1):
+        dist = distributed.Dist(torch.device("cpu"), rank=rank, world_size=2)
+        trainer = Trainer(tiny_config(tiny_shards, tmp_path / "run", "--model.dropout=0.5"), False, False, dist)
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5))
+        states.append(trainer.model.state_dict())
+    assert not torch.equal(masks[0], masks[1])
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # FSDP needs the same initial weights
 
 
 def test_resume_with_a_longer_budget_continues_and_appends_metrics(tiny_shards, tmp_path):
@@ -114,14 +163,42 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tiny_sh
     assert all(torch.isfinite(t).all() for t in good.values())
 
 
+def test_a_loss_gone_nan_stops_with_its_message_before_sampling(tiny_shards, tmp_path, monkeypatch):
+    original = TrainStep.__call__
+    calls = []
+
+    def poisoned(self, next_batch, grad_accum, lr):
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                for p in self.params:
+                    p.fill_(float("nan"))
+        return original(self, next_batch, grad_accum, lr)
+
+    monkeypatch.setattr(TrainStep, "__call__", poisoned)
+    with pytest.raises(GptlabError, match=r"diverged: the loss .* nan between steps 1 and 3; no checkpoint was written"):
+        train(tiny_config(tiny_shards, tmp_path / "run", "--train.log_every=10", "--train.sample_every=3",
+                          "--train.sample_tokens=4"), verbose=False)
+
+
 def test_early_stopping_after_patience_evaluations_without_improvement(tiny_shards, tmp_path, monkeypatch):
     losses = iter([3.0, 2.5, 2.6, 2.7, 2.4])
-    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"loss": next(losses), "perplexity": 1.0})
+    monkeypatch.setattr(Validator, "evaluate", lambda self: {"loss": next(losses), "perplexity": 1.0})
     run = tmp_path / "run"
     summary = train(tiny_config(tiny_shards, run, "--train.max_steps=100", "--train.eval_every=2",
                                 "--train.early_stop_patience=2"), verbose=False)
     assert summary["stopped"] == "early_stop" and summary["steps"] == 8  # evaluations at 2, 4 (best), 6, 8
     assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"checkpoint": "step_0000004", "val_loss": 2.5}
+
+
+def test_a_tie_with_the_best_validation_loss_keeps_the_earlier_best(tiny_shards, tmp_path, monkeypatch):
+    losses = iter([3.0, 2.5, 2.5, 2.5])
+    monkeypatch.setattr(Validator, "evaluate", lambda self: {"loss": next(losses), "perplexity": 1.0})
+    run = tmp_path / "run"
+    summary = train(tiny_config(tiny_shards, run, "--train.eval_every=2", "--train.keep_last=1"), verbose=False)
+    assert summary["best_val_loss"] == 2.5 and summary["best_checkpoint"].endswith("step_0000004")
+    assert json.loads((run / "checkpoints" / "best.json").read_text()) == {"checkpoint": "step_0000004", "val_loss": 2.5}
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_0000004", "step_0000008"]  # the best is kept
 
 
 @pytest.mark.parametrize("limit, stopped, steps", [("--train.max_tokens=300", "max_tokens", 3),

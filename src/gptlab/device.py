@@ -152,8 +152,11 @@ def device_name(device: torch.device) -> str:
 
 def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024, seconds: float = 0.2) -> float:
     """FLOP/s of an n x n x n matmul: repeated for `seconds` after one untimed warm-up."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A generator of its own: measuring (e.g. a run's peak with a cold cache) must not move the global RNG,
+    # which a resumed run has just restored for its dropout masks.
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up: first-call allocation and kernel selection are not the steady speed
     sync()

@@ -8,9 +8,12 @@
         checkpoint.json     step, tokens, val_loss, model config, tokenizer checksum
     runs/NAME/checkpoints/best.json   {"checkpoint": "step_0001000", "val_loss": ...}
 
-A checkpoint is written into a hidden temporary folder and renamed into place,
-so a folder named step_* is always complete. The last `keep_last` and the best
-are kept; older ones are deleted only after a newer one is complete.
+A checkpoint is written into a hidden temporary folder, flushed to the disk
+(its files, then the folder) and renamed into place, and the rename is flushed
+too: a folder named step_* is always complete, also after a crash or a power
+cut. The last `keep_last` and the best are kept; older ones are deleted only
+after a newer one is on the disk. A temporary folder left by a killed run is
+removed by the next save.
 
 A run of several processes (distributed.py) writes the same folder, but its
 model and optimizer state go into a torch.distributed.checkpoint folder, each
@@ -38,7 +41,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from gptlab.files import atomic_write_json
+from gptlab.files import atomic_write_json, fsync_dir, fsync_file
 from gptlab.runs import (
     BEST,
     CHECKPOINTS,
@@ -48,6 +51,8 @@ from gptlab.runs import (
     WEIGHTS,
     best_checkpoint,
     checkpoint_dirs,
+    load_state,
+    read_info,
     unique_tensors,
 )
 
@@ -58,16 +63,102 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     final = root / f"step_{step:07d}"
     if final.exists():  # already saved at this step (e.g. an evaluation step that is also the last)
         return final
+    _remove_stale(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        save_file(unique_tensors(model), str(tmp / WEIGHTS), metadata={"gptlab_model_config": json.dumps(info["model"])})
-        torch.save(state, tmp / STATE)
-        atomic_write_json(tmp / INFO, info)
-        tmp.rename(final)
+        _write_files(tmp, unique_tensors(model), state, info)
+        _rename_durably(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_files(folder: Path, weights: dict, state: dict, info: dict) -> None:
+    """model.safetensors, state.pt and checkpoint.json, each on the disk when this returns."""
+    save_file(weights, str(folder / WEIGHTS), metadata={"gptlab_model_config": json.dumps(info["model"])})
+    torch.save(state, folder / STATE)
+    for name in (WEIGHTS, STATE):
+        fsync_file(folder / name)
+    atomic_write_json(folder / INFO, info)  # flushed, and so is the folder
+
+
+def _rename_durably(tmp: Path, final: Path) -> None:
+    fsync_dir(tmp)
+    tmp.rename(final)
+    fsync_dir(final)
+    fsync_dir(final.parent)  # the rename
+
+
+def _remove_stale(root: Path) -> None:
+    """Temporary folders of a save that never finished (the process was killed): nothing refers to them."""
+    for stale in root.glob(".step_*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+class Checkpointer:
+    """A run's checkpoints over its life: save one at a step (distributed, the shards are written in the
+    background and the checkpoint is finished -- renamed into place -- when the next one starts or the run
+    ends), point best.json at it when its validation loss is the best so far, prune older ones once it is on
+    the disk, and load one back into the model and optimizer.
+
+    `about` is what every checkpoint.json records besides step, tokens and val_loss (model config, tokenizer
+    checksum, data fingerprint). Only the main process writes files; every rank calls save and finish.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int, dist, model: torch.nn.Module, wrapped: torch.nn.Module,
+                 optimizer, weight_names: list[str], about: dict):
+        self.run_dir, self.keep_last, self.dist, self.about = Path(run_dir), keep_last, dist, about
+        self.model, self.wrapped, self.optimizer, self.weight_names = model, wrapped, optimizer, weight_names
+        self.last: Path | None = None  # the newest checkpoint, finished or being finished
+        self._saving: ShardedSave | None = None
+        self._pending: tuple[bool, float | None] = (False, None)
+
+    def save(self, step: int, tokens: int, state: dict, val_loss: float | None = None, best: bool = False) -> Path:
+        """A checkpoint of this step (nothing new if the last one is of this step); `state` holds the run's
+        counters, to which this adds every rank's RNGs and, in one process, the optimizer."""
+        self.finish()
+        if self.last is not None and self.last.name == f"step_{step:07d}":
+            return self.last
+        info = {"step": step, "tokens": tokens, "val_loss": val_loss, **self.about, "best": best}
+        state = {**state, "rng": self.dist.gather(rng_state())}
+        if self.dist.mode is None:
+            state["optimizer"] = self.optimizer.state_dict()
+            path = save_checkpoint(self.run_dir, step, self.model, state, info)
+            self._done(path, best, val_loss)
+            return path
+        self._saving = save_sharded(self.run_dir, step, self.wrapped, self.optimizer, state, info,
+                                    self.weight_names, self.dist.main, self.dist.checkpoint_group)
+        self._pending, self.last = (best, val_loss), self._saving.final
+        return self.last
+
+    def finish(self) -> None:
+        """Wait for a checkpoint still being written and put it into place (a no-op in one process)."""
+        if self._saving:
+            saving, self._saving = self._saving, None
+            self._done(saving.finish(), *self._pending)
+
+    def _done(self, path: Path, best: bool, val_loss: float | None) -> None:
+        """`path` is on the disk: only now may it become the best and older checkpoints go."""
+        if self.dist.main:
+            if best:
+                mark_best(self.run_dir, path, val_loss)
+            prune_checkpoints(self.run_dir, self.keep_last)
+        self.last = path
+
+    def load(self, checkpoint: Path) -> dict:
+        """Optimizer state (and, from the dcp/ shards, the model's) from `checkpoint`; returns its state.pt.
+        Also does what a run killed right after writing it left undone: mark it best, prune older ones."""
+        state = load_state(checkpoint, self.dist.device)
+        if is_sharded(checkpoint):
+            load_sharded(checkpoint, self.wrapped, self.optimizer)
+        elif self.dist.mode == "fsdp":  # the weights went in before sharding; now the optimizer
+            load_full_optimizer(self.model, self.optimizer, state["optimizer"])
+        else:  # one process, or DDP: every rank holds the parameters the optimizer state was saved for
+            self.optimizer.load_state_dict(state["optimizer"])
+        info = read_info(checkpoint)
+        self._done(checkpoint, info.get("best", False) and best_checkpoint(self.run_dir) != checkpoint, info["val_loss"])
+        return state
 
 
 # --------------------------------------------------------------------------- several processes (torch.distributed.checkpoint)
@@ -94,7 +185,7 @@ class ShardedSave:
             self.future.result()
         dist.barrier()  # every rank's shards are on disk
         if self.main:
-            self.tmp.rename(self.final)
+            _rename_durably(self.tmp, self.final)
         dist.barrier()  # and every rank sees the complete folder before going on
         return self.final
 
@@ -120,13 +211,9 @@ def save_sharded(run_dir: str | Path, step: int, model: torch.nn.Module, optimiz
     tmp = root / f".{final.name}.tmp"  # one name all ranks know
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # on rank 0
     if main:
-        for stale in root.glob(".step_*.tmp"):  # left by a run that died while saving
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_stale(root)
         (tmp / SHARDED).mkdir(parents=True)
-        save_file({k: full[k].contiguous() for k in weights}, str(tmp / WEIGHTS),
-                  metadata={"gptlab_model_config": json.dumps(info["model"])})
-        torch.save(state, tmp / STATE)
-        atomic_write_json(tmp / INFO, info)
+        _write_files(tmp, {k: full[k].contiguous() for k in weights}, state, info)
     del full
     dist.barrier()  # the folder exists before any rank writes into it
     model_state, optimizer_state = get_state_dict(model, _optimizers(optimizer))
@@ -214,3 +301,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     if "mps" in state and torch.backends.mps.is_available():
         torch.mps.set_rng_state(state["mps"].cpu())
+
+
+def seed_everything(*key: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device's) from `key`: (seed,) gives the weights'
+    initialisation, (seed, rank) each rank its own stream of dropout masks after it (SeedSequence: keys that
+    differ in any part give independent streams)."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0]) if len(key) > 1 else key[0]
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def restore_rng(saved, rank: int, world_size: int, *fresh_key: int) -> None:
+    """This rank's RNGs from a checkpoint's (one state per rank; older checkpoints hold rank 0's alone).
+    Resumed on another number of processes, the draws cannot continue exactly: each rank starts a fresh
+    stream from `fresh_key` + its rank."""
+    saved = saved if isinstance(saved, list) else [saved]
+    if len(saved) == world_size:
+        set_rng_state(saved[rank])
+    else:
+        seed_everything(*fresh_key, rank)

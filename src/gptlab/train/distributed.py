@@ -37,6 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -52,20 +53,107 @@ ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 @dataclass
 class Dist:
-    """This process's place in the group; only exists while the process group is up."""
+    """This process's place among the processes training together. A process started alone is a world of
+    size 1 whose collectives do nothing, so the trainer reads the same either way; `Group` is torchrun's."""
 
-    rank: int
-    local_rank: int
-    world_size: int
-    local_world_size: int
-    restart: int  # how many times torchrun restarted the workers (--max-restarts)
-    mode: str  # "ddp" or "fsdp"
     device: torch.device
-    checkpoint_group: dist.ProcessGroup  # asynchronous checkpoints talk on their own group, never on the training one
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    restart: int = 0  # how many times torchrun restarted the workers (--max-restarts)
+    mode: str | None = None  # "ddp" or "fsdp" under torchrun; None: one process
+    checkpoint_group: Any = None  # asynchronous checkpoints talk on their own group, never on the training one
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def agree(self, *values: float) -> list[float]:
+        return [float(v) for v in values]
+
+    def from_main(self, value):
+        return value
+
+    def on_main(self, compute: Callable[[], Any]):
+        """compute() run on rank 0 only, its result on every rank (a measurement all must go by)."""
+        return compute()
+
+    def gather(self, value) -> list:
+        """Every rank's value, in rank order, on every rank."""
+        return [value]
+
+    def barrier(self) -> None:
+        pass
+
+    def check(self, cfg: TrainConfig, precision: str) -> None:
+        pass
+
+    def wrap(self, model: torch.nn.Module, precision: str) -> torch.nn.Module:
+        return model
+
+    def pick_compile(self, requested, planned_seconds: float | None) -> bool:
+        from gptlab.device import pick_compile
+
+        return pick_compile(requested, self.device, planned_seconds)
+
+    def whole_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module | None:
+        """The model with all its weights on rank 0, None elsewhere (a collective: every rank calls it)."""
+        return model if self.main else None
+
+
+class Group(Dist):
+    """A rank of a torchrun world: the same questions answered by collectives over the process group."""
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        return sum_(tensor)
+
+    def agree(self, *values: float) -> list[float]:
+        return agree(*values)
+
+    def from_main(self, value):
+        return from_main(value)
+
+    def on_main(self, compute: Callable[[], Any]):
+        return from_main(compute() if self.main else None)
+
+    def gather(self, value) -> list:
+        box = [None] * self.world_size
+        dist.all_gather_object(box, value, group=self.checkpoint_group)  # gloo: CPU objects, even under NCCL
+        return box
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def check(self, cfg: TrainConfig, precision: str) -> None:
+        check_config(cfg, self.world_size, precision)
+
+    def wrap(self, model: torch.nn.Module, precision: str) -> torch.nn.Module:
+        return wrap(model, self, precision)
+
+    def pick_compile(self, requested, planned_seconds: float | None) -> bool:
+        if self.device.type == "cpu" and requested == "auto":
+            return False  # torch.compile under gloo buys little on a CPU for its warm-up
+        return self.from_main(super().pick_compile(requested, planned_seconds))  # rank 0 decides for all
+
+    def whole_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module | None:
+        """Under FSDP, the weights are gathered into a copy that `rebuild()` makes on rank 0."""
+        if self.mode != "fsdp":
+            return super().whole_model(model, rebuild)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.main:
+            return None
+        whole = rebuild()
+        whole.load_weights(full)
+        return whole
 
 
 def launched_by_torchrun() -> bool:
@@ -91,11 +179,12 @@ def check_config(cfg: TrainConfig, world_size: int, precision: str | None = None
 
 @contextmanager
 def process_group(cfg: TrainConfig):
-    """A Dist while the process group is up, when torchrun launched this process; else None (one process)."""
-    if not launched_by_torchrun():
-        yield None
-        return
+    """A Group while the process group is up, when torchrun launched this process; else a Dist of one."""
     from gptlab.device import pick_device
+
+    if not launched_by_torchrun():
+        yield Dist(pick_device(cfg.device))
+        return
 
     rank, local_rank, world = (int(os.environ[name]) for name in ENV)
     check_config(cfg, world)
@@ -118,7 +207,7 @@ def process_group(cfg: TrainConfig):
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     # After a restart, the workers of a node that did not fail still see TORCHELASTIC_RESTART_COUNT=0.
     restart = attempt if store else int(agree(float(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)))[0])
-    yield Dist(rank=rank, local_rank=local_rank, world_size=world,
+    yield Group(rank=rank, local_rank=local_rank, world_size=world,
                local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)), restart=restart,
                mode=cfg.distributed, device=device, checkpoint_group=dist.new_group(backend="gloo", timeout=timeout))
     # Only after a clean finish: when the run failed, a peer may be unresponsive and tearing the group down

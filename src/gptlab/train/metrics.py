@@ -1,4 +1,5 @@
-"""What a run records: metrics.csv, loss.png and lr.png, samples.md, and optional TensorBoard / W&B.
+"""What a run records: metrics.csv, loss.png and lr.png, samples.md, and optional TensorBoard / W&B; the rows'
+numbers (Interval), and the check that the loss is still finite.
 
 metrics.csv is an append-only log (one whole row per write, flushed), the way
 a training log is read while it grows; on resume it is rewritten atomically
@@ -13,6 +14,9 @@ import io
 import math
 import os
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_bytes, atomic_write_text
@@ -77,6 +81,65 @@ class MetricsLog:
         self.file.close()
         for backend in self.extra:
             backend.close()
+
+
+class Diverged(Exception):
+    """The loss (or the gradient norm) is no longer finite: the trainer stops with the last good checkpoint."""
+
+
+class Interval:
+    """Sums of the loss and gradient norm since the last metrics row, kept on the device (no sync per step).
+
+    `watch_grad_norm`: an infinite gradient norm is divergence too (not under fp16, whose scaler skips the
+    steps where gradients overflowed).
+    """
+
+    def __init__(self, device: torch.device, tokens: int, elapsed: float, watch_grad_norm: bool = True,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss):
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.steps, self.tokens, self.elapsed, self.lr = 0, tokens, elapsed, None
+        self.watch_grad_norm, self.reduce = watch_grad_norm, reduce  # reduce: the mean over the processes
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.loss += loss
+        self.grad_norm += grad_norm
+        self.steps += 1
+        self.lr = lr
+
+    def check(self, step: int) -> tuple[float, float]:
+        """The mean loss and gradient norm of the interval's steps (a host sync); Diverged if not finite."""
+        steps = max(self.steps, 1)
+        loss, norm = (self.reduce(self.loss.clone()) / steps).item(), (self.grad_norm / steps).item()
+        watched = loss + norm if self.watch_grad_norm else loss
+        if not math.isfinite(watched):
+            first = step - self.steps + 1
+            where = f"at step {first}" if self.steps == 1 else f"between steps {first} and {step}"
+            raise Diverged(f"the loss or gradient norm became {'nan' if math.isnan(loss + norm) else 'inf'} {where}")
+        return loss, norm
+
+    def row(self, step: int, tokens: int, elapsed: float, flops_per_token: float, peak: float) -> dict:
+        loss, norm = self.check(step)
+        tok_s = (tokens - self.tokens) / max(elapsed - self.elapsed, 1e-9)
+        return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr, "grad_norm": norm,
+                "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak, "elapsed": elapsed}
+
+
+class MemoryRows:
+    """What processes other than the main one keep of the metrics: the rows, in memory (the main one writes
+    the files)."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def plot(self, run_dir: Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _fmt(value) -> str:
