@@ -55,3 +55,17 @@ OFFICIAL = {"ind": 4, "activity_label": "Baking cookies", "ctx_a": "A woman is i
 def write_jsonl(path, records) -> str:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
     return str(path)
+
+
+def truncate_file(path, keep: float = 0.5) -> None:
+    """Cut a file to `keep` of its length, as a crash or a full disk leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def garbage_file(path) -> None:
+    """Overwrite a file with bytes no reader accepts (of the same length, at least 64)."""
+    import random
+
+    size = max(64, path.stat().st_size if path.exists() else 0)
+    path.write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(size)))

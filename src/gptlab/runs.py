@@ -16,9 +16,11 @@ the trained model. Writing it is the trainer's (train/checkpoint.py); reading it
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from gptlab.config import ModelConfig, load_config
@@ -65,8 +67,22 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     raise GptlabError(f"unknown checkpoint choice {which!r}", "use best or last")
 
 
+def _damaged(path: Path, e: Exception) -> GptlabError:
+    """A checkpoint file that no reader accepts: a crash mid-copy, a full disk, another program's file."""
+    detail = " ".join(str(e).split())[:160]
+    return GptlabError(f"{path} is damaged ({type(e).__name__}: {detail})",
+                       f"copy the run again, or delete the folder {path.parent} to fall back to an earlier checkpoint")
+
+
 def read_info(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / INFO).read_text(encoding="utf-8"))
+    path = checkpoint / INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, e) from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise _damaged(path, ValueError("no model settings in it"))
+    return info
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -86,11 +102,19 @@ def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     path = checkpoint / WEIGHTS
     device = next(model.parameters()).device
-    model.load_weights(load_file(str(path), device=str(device)), source=str(path))
+    try:
+        weights = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, e) from None
+    model.load_weights(weights, source=str(path))
 
 
 def load_state(checkpoint: Path, device: torch.device) -> dict:
-    return torch.load(checkpoint / STATE, map_location=device, weights_only=True)
+    path = checkpoint / STATE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # garbage, a cut zip archive, no file
+        raise _damaged(path, e) from None
 
 
 def model_config_diff(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("dropout", "attention")) -> list[str]:
