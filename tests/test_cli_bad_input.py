@@ -71,6 +71,10 @@ def bad(tmp_path_factory, tiny_run) -> Path:
     (d / "a_folder").mkdir()
     # a tokenizer of another vocabulary than the run's (300 tokens, not 400)
     train_tokenizer(TINY_STORIES * 10, TokenizerConfig(vocab_size=300)).save(d / "other_tokenizer.json")
+    # ... and one of the run's own size (400) learnt from other text: nothing but its ids tells them apart
+    shouted = train_tokenizer([s.upper() for s in TINY_STORIES * 10], TokenizerConfig(vocab_size=400))
+    assert shouted.vocab_size == 400
+    shouted.save(d / "same_size_tokenizer.json")
     # Hugging Face folders: a garbage config.json, truncated weights
     hf = d / "hf_export"
     export_hf(tiny_run, hf)
@@ -172,7 +176,7 @@ CASES = [
     Case("sample-run-is-file", lambda i: ["sample", i.f("a_file"), "-p", "Once"], "a_file"),
     Case("sample-truncated-weights", lambda i: ["sample", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "-p", "Once"], "model.safetensors"),
     Case("sample-missing-tokenizer", lambda i: ["sample", i.damaged_run(in_run("tokenizer.json", os.remove)), "-p", "Once"], "tokenizer.json"),
-    Case("sample-tokenizer-does-not-match", lambda i: ["sample", i.damaged_run(in_run("tokenizer.json", lambda p: shutil.copy(i.bad / "other_tokenizer.json", p))), "-p", "Once", "-n", "50", "-t", "2"], "tokenizer has 300"),
+    Case("sample-tokenizer-does-not-match", lambda i: ["sample", i.damaged_run(in_run("tokenizer.json", lambda p: shutil.copy(i.bad / "other_tokenizer.json", p))), "-p", "Once", "-n", "50", "-t", "2"], "tokenizer.json"),
     Case("sample-prompt-file-non-utf8", lambda i: ["sample", str(i.run), "--prompt-file", i.f("latin1.txt")], "latin1.txt"),
     Case("sample-negative-max-new-tokens", lambda i: ["sample", str(i.run), "-p", "Once", "-n", "-5"], "max_new_tokens"),
     # --- eval
@@ -188,6 +192,7 @@ CASES = [
     # --- export, import
     Case("export-hf-truncated-weights", lambda i: ["export", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "--to", "hf", "out"], "model.safetensors", ("out",)),
     Case("export-gguf-missing-tokenizer", lambda i: ["export", i.damaged_run(in_run("tokenizer.json", os.remove)), "--gguf", "out.gguf"], "tokenizer.json", ("out.gguf",)),
+    Case("export-hf-tokenizer-of-other-text", lambda i: ["export", i.damaged_run(in_run("tokenizer.json", lambda p: shutil.copy(i.bad / "same_size_tokenizer.json", p))), "--to", "hf", "out"], "tokenizer.json", ("out",)),
     Case("export-hf-out-is-file", lambda i: ["export", str(i.run), "--to", "hf", i.f("a_file")], "a_file"),
     Case("import-hf-corrupt-config", lambda i: ["import", "hf", i.f("hf_bad_config"), "--run", "r"], "config.json", ("r",)),
     Case("import-hf-truncated-weights", lambda i: ["import", "hf", i.f("hf_truncated"), "--run", "r"], "hf_truncated", ("r",)),

@@ -131,8 +131,14 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
     checkpoint = find_checkpoint(run_dir, which)
     run = run_dir_of(checkpoint)
     cfg = load_config(run / "config.toml")
-    cfg.model = ModelConfig.model_validate(read_info(checkpoint)["model"])
+    info = read_info(checkpoint)
+    cfg.model = ModelConfig.model_validate(info["model"])
     tokenizer = load_tokenizer(run / "tokenizer.json")
+    made_with = info.get("tokenizer_checksum")
+    if made_with and made_with != tokenizer.checksum:  # same size or not, another tokenizer's ids mean other text
+        raise GptlabError(f"{run / 'tokenizer.json'} is not the tokenizer {checkpoint.name} was trained with "
+                          f"(checksum {tokenizer.checksum[:12]}, trained with {made_with[:12]})",
+                          "put the run's own tokenizer.json back (a copy is in its data folder)")
     model = build_model(cfg.model).to(device)
     load_weights(model, checkpoint)
     return model.eval(), tokenizer, cfg
