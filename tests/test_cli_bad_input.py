@@ -161,6 +161,7 @@ CASES = [
     Case("model-info-wrong-type-toml", lambda i: ["model", "info", i.f("model_wrong_type.toml")], "model.n_layer"),
     # --- train
     Case("train-data-dir-missing", lambda i: ["train", "--data-dir", "missing_data", "--run", "r", *TRAIN], "missing_data", ("r",)),
+    Case("train-run-is-file", lambda i: ["train", "--data-dir", str(i.shards), "--run", i.f("a_file"), *TRAIN], "a_file"),
     Case("train-truncated-shard", lambda i: ["train", "--data-dir", i.damaged_shards(in_run("train_000000.bin", truncate_file)), "--run", "r", *TRAIN], "train_000000.bin", ("r",)),
     Case("train-wrong-type-toml", lambda i: ["train", "--config", i.f("wrong_type.toml"), "--run", "r", *TRAIN], "train.lr", ("r",)),
     Case("train-binary-toml", lambda i: ["train", "--config", i.f("image.toml"), "--run", "r", *TRAIN], "image.toml", ("r",)),

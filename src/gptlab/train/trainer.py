@@ -52,7 +52,7 @@ from gptlab.device import (
     set_threads,
 )
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_json
+from gptlab.files import atomic_write_json, make_dirs
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed
 from gptlab.train.metrics import MetricsLog, append_sample
@@ -186,7 +186,7 @@ class Trainer:
 
         # ---- the run directory (rank 0 writes it; every rank must see it: a shared filesystem across nodes)
         if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
             save_config(cfg, self.run_dir / "config.toml")
             self.tokenizer.save(self.run_dir / "tokenizer.json")
             self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
