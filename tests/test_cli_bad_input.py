@@ -183,9 +183,10 @@ CASES = [
     # --- eval
     Case("eval-garbage-weights", lambda i: ["eval", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--no-samples", "-q"], "model.safetensors", ("run/eval.json", "run/eval.md")),
     Case("eval-missing-data", lambda i: ["eval", i.damaged_run(lambda r: None), "--data", "missing.txt", "--no-samples", "-q"], "missing.txt", ("run/eval.json", "run/eval.md")),
-    Case("eval-malformed-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("malformed_hellaswag.jsonl"), "--no-samples", "-q"], "malformed_hellaswag.jsonl", ("run/eval.json", "run/eval.md")),
+    Case("eval-malformed-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("malformed_hellaswag.jsonl"), "--no-samples"], "malformed_hellaswag.jsonl", ("run/eval.json", "run/eval.md")),
     Case("eval-empty-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("empty.jsonl"), "--no-samples", "-q"], "empty.jsonl", ("run/eval.json", "run/eval.md")),
     # --- compare, plot
+    Case("sample-garbage-best-pointer", lambda i: ["sample", i.damaged_run(in_run("checkpoints/best.json", garbage_file)), "-p", "Once"], "best.json"),
     Case("compare-binary-metrics", lambda i: ["compare", i.damaged_run(in_run("metrics.csv", lambda p: p.write_bytes(PNG))), "--out", "out"], "metrics.csv", ("out",)),
     Case("compare-out-is-file", lambda i: ["compare", str(i.run), "--out", i.f("a_file")], "a_file"),
     Case("plot-missing-metrics", lambda i: ["plot", i.damaged_run(in_run("metrics.csv", os.remove))], "metrics.csv", ("run/plot.png",)),

@@ -46,7 +46,10 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / CHECKPOINTS / BEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        path = pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise _damaged(pointer, e) from None
     return path if (path / INFO).is_file() else None
 
 
