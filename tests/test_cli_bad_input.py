@@ -131,7 +131,7 @@ class Case:
     absent: tuple[str, ...] = ()  # outputs (relative to the case's folder) that must not exist afterwards
 
 
-TRAIN = ["--train.threads=1", "--train.compile=false", "--train.precision=fp32", "--train.max_steps=2", "-q"]
+TRAIN = ["--train.threads=1", "--train.compile=false", "--train.precision=fp32", "--train.max_steps=2"]
 
 CASES = [
     # --- tokenizer
@@ -169,10 +169,10 @@ CASES = [
     Case("train-unknown-key-override", lambda i: ["train", "--data-dir", str(i.shards), "--run", "r", "--train.lrr=1", *TRAIN], "train.lrr", ("r",)),
     Case("train-impossible-shape", lambda i: ["train", "--data-dir", str(i.shards), "--run", "r", "--model.n_head=2", "--model.n_kv_head=3", *TRAIN], "n_kv_head", ("r",)),
     Case("train-override-without-value", lambda i: ["train", "--data-dir", str(i.shards), "--run", "r", *TRAIN, "--train.max_steps"], "--train.max_steps", ("r",)),
-    Case("train-resume-truncated-weights", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "--train.max_steps=12", "-q"], "model.safetensors", ("run/checkpoints/step_0000012",)),
-    Case("train-resume-garbage-state", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("state.pt", garbage_file)), "--train.max_steps=12", "-q"], "state.pt", ("run/checkpoints/step_0000012",)),
-    Case("train-resume-broken-checkpoint-json", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("checkpoint.json", garbage_file)), "--train.max_steps=12", "-q"], "checkpoint.json", ("run/checkpoints/step_0000012",)),
-    Case("train-resume-wrong-type-config", lambda i: ["train", "--resume", i.damaged_run(in_run("config.toml", lambda p: p.write_text(re.sub(r"^lr = .*$", 'lr = "fast"', p.read_text(), flags=re.M)))), "--train.max_steps=12", "-q"], "train.lr", ("run/checkpoints/step_0000012",)),
+    Case("train-resume-truncated-weights", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "--train.max_steps=12"], "model.safetensors", ("run/checkpoints/step_0000012",)),
+    Case("train-resume-garbage-state", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("state.pt", garbage_file)), "--train.max_steps=12"], "state.pt", ("run/checkpoints/step_0000012",)),
+    Case("train-resume-broken-checkpoint-json", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("checkpoint.json", garbage_file)), "--train.max_steps=12"], "checkpoint.json", ("run/checkpoints/step_0000012",)),
+    Case("train-resume-wrong-type-config", lambda i: ["train", "--resume", i.damaged_run(in_run("config.toml", lambda p: p.write_text(re.sub(r"^lr = .*$", 'lr = "fast"', p.read_text(), flags=re.M)))), "--train.max_steps=12"], "train.lr", ("run/checkpoints/step_0000012",)),
     # --- sample
     Case("sample-run-is-file", lambda i: ["sample", i.f("a_file"), "-p", "Once"], "a_file"),
     Case("sample-truncated-weights", lambda i: ["sample", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "-p", "Once"], "model.safetensors"),
@@ -181,10 +181,10 @@ CASES = [
     Case("sample-prompt-file-non-utf8", lambda i: ["sample", str(i.run), "--prompt-file", i.f("latin1.txt")], "latin1.txt"),
     Case("sample-negative-max-new-tokens", lambda i: ["sample", str(i.run), "-p", "Once", "-n", "-5"], "max_new_tokens"),
     # --- eval
-    Case("eval-garbage-weights", lambda i: ["eval", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--no-samples", "-q"], "model.safetensors", ("run/eval.json", "run/eval.md")),
-    Case("eval-missing-data", lambda i: ["eval", i.damaged_run(lambda r: None), "--data", "missing.txt", "--no-samples", "-q"], "missing.txt", ("run/eval.json", "run/eval.md")),
+    Case("eval-garbage-weights", lambda i: ["eval", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--no-samples"], "model.safetensors", ("run/eval.json", "run/eval.md")),
+    Case("eval-missing-data", lambda i: ["eval", i.damaged_run(lambda r: None), "--data", "missing.txt", "--no-samples"], "missing.txt", ("run/eval.json", "run/eval.md")),
     Case("eval-malformed-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("malformed_hellaswag.jsonl"), "--no-samples"], "malformed_hellaswag.jsonl", ("run/eval.json", "run/eval.md")),
-    Case("eval-empty-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("empty.jsonl"), "--no-samples", "-q"], "empty.jsonl", ("run/eval.json", "run/eval.md")),
+    Case("eval-empty-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("empty.jsonl"), "--no-samples"], "empty.jsonl", ("run/eval.json", "run/eval.md")),
     # --- compare, plot
     Case("sample-garbage-best-pointer", lambda i: ["sample", i.damaged_run(in_run("checkpoints/best.json", garbage_file)), "-p", "Once"], "best.json"),
     Case("compare-binary-metrics", lambda i: ["compare", i.damaged_run(in_run("metrics.csv", lambda p: p.write_bytes(PNG))), "--out", "out"], "metrics.csv", ("out",)),
@@ -200,10 +200,10 @@ CASES = [
     Case("import-hf-truncated-weights", lambda i: ["import", "hf", i.f("hf_truncated"), "--run", "r"], "hf_truncated", ("r",)),
     # --- distill
     Case("distill-missing-prompts", lambda i: ["distill", str(i.run), "--prompts", "missing.txt", "--out", "s.jsonl"], "missing.txt", ("s.jsonl", "s.jsonl.partial")),
-    Case("distill-teacher-corrupt-weights", lambda i: ["distill", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--prompts", i.f("stories.txt"), "--out", "s.jsonl", "-q"], "model.safetensors", ("s.jsonl", "s.jsonl.partial")),
+    Case("distill-teacher-corrupt-weights", lambda i: ["distill", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--prompts", i.f("stories.txt"), "--out", "s.jsonl"], "model.safetensors", ("s.jsonl", "s.jsonl.partial")),
     # --- quickstart, run, speedrun
-    Case("quickstart-missing-corpus", lambda i: ["quickstart", "--data", "missing.txt", "--out", "qs", "-q"], "missing.txt", ("qs/checkpoints",)),
-    Case("quickstart-out-is-file", lambda i: ["quickstart", "--data", i.f("stories.txt"), "--out", i.f("a_file"), "-q"], "a_file"),
+    Case("quickstart-missing-corpus", lambda i: ["quickstart", "--data", "missing.txt", "--out", "qs"], "missing.txt", ("qs/checkpoints",)),
+    Case("quickstart-out-is-file", lambda i: ["quickstart", "--data", i.f("stories.txt"), "--out", i.f("a_file")], "a_file"),
     Case("run-recipe-wrong-type", lambda i: ["run", i.f("wrong_type.toml")], "train.lr"),
     Case("speedrun-missing-recipe", lambda i: ["speedrun", "missing.toml"], "missing.toml"),
     Case("speedrun-recipe-impossible-shape", lambda i: ["speedrun", i.f("bad_shape.toml")], "n_head"),
@@ -228,13 +228,13 @@ def visible_lines(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def outcomes(request, bad, tiny_run, tiny_shards, tmp_path_factory) -> dict[str, tuple[Path, Future]]:
-    """The selected cases' commands, started together (as many at a time as there are cores); each test reads its
+    """The selected cases' commands, started together (as many at a time as there are cores, at most 8); each test reads its
     own outcome: {case id: (the folder it ran in, its CompletedProcess to come)}."""
     selected = [item.callspec.params["case"] for item in request.session.items
                 if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
            "GPTLAB_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "1"}
-    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))  # ~300 MB each: torch
     started = {}
     for case in selected:
         here = tmp_path_factory.mktemp(case.id)
