@@ -49,7 +49,8 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     try:
         path = pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise _damaged(pointer, e) from None
+        raise GptlabError(f"{pointer} is damaged ({type(e).__name__})", "delete it: the last checkpoint is used then "
+                          "(or pass --checkpoint last)") from None
     return path if (path / INFO).is_file() else None
 
 
