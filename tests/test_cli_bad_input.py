@@ -97,8 +97,15 @@ class Inputs:
     def f(self, name: str) -> str:
         return str(self.bad / name)
 
-    def damaged_run(self, damage: Callable[[Path], None]) -> str:
-        """A copy of the tiny run, in the case's folder, with `damage` done to it."""
+    @property
+    def tokenizer(self) -> str:
+        return str(self.run / "tokenizer.json")
+
+    def replace_with(self, name: str) -> Callable[[Path], None]:
+        return lambda path: shutil.copy(self.bad / name, path)
+
+    def damaged_run(self, damage: Callable[[Path], None] = lambda run: None) -> str:
+        """A copy of the tiny run, in the case's folder, with `damage` done to it (commands may write into it)."""
         copy = self.here / "run"
         shutil.copytree(self.run, copy)
         damage(copy)
@@ -123,6 +130,10 @@ def in_run(name: str, damage: Callable[[Path], None]) -> Callable[[Path], None]:
     return lambda run: damage(run / name)
 
 
+def lr_fast(config: Path) -> None:
+    config.write_text(re.sub(r"^lr = .*$", 'lr = "fast"', config.read_text(), flags=re.M))
+
+
 @dataclass
 class Case:
     id: str
@@ -131,6 +142,9 @@ class Case:
     absent: tuple[str, ...] = ()  # outputs (relative to the case's folder) that must not exist afterwards
 
 
+NO_SAMPLES = "--no-samples"
+EVAL_OUT = ("run/eval.json", "run/eval.md")
+MORE, NEXT = ["--train.max_steps=12"], "run/checkpoints/step_0000012"  # resume the 8-step run for 4 more steps
 TRAIN = ["--train.threads=1", "--train.compile=false", "--train.precision=fp32", "--train.max_steps=2"]
 
 CASES = [
@@ -139,7 +153,7 @@ CASES = [
     Case("tokenizer-encode-empty-file", lambda i: ["tokenizer", "encode", "-t", i.f("empty.json"), "hi"], "empty.json"),
     Case("tokenizer-encode-binary-file", lambda i: ["tokenizer", "encode", "-t", i.f("image.json"), "hi"], "image.json"),
     Case("tokenizer-decode-not-gptlab-json", lambda i: ["tokenizer", "decode", "-t", i.f("foreign.json"), "1"], "foreign.json"),
-    Case("tokenizer-decode-id-out-of-range", lambda i: ["tokenizer", "decode", "-t", str(i.run / "tokenizer.json"), "1", "99999"], "99999"),
+    Case("tokenizer-decode-id-out-of-range", lambda i: ["tokenizer", "decode", "-t", i.tokenizer, "1", "99999"], "99999"),
     Case("tokenizer-train-missing-corpus", lambda i: ["tokenizer", "train", "--data", "missing.txt", "--out", "tok.json"], "missing.txt", ("tok.json",)),
     Case("tokenizer-train-binary-corpus", lambda i: ["tokenizer", "train", "--data", i.f("image.txt"), "--out", "tok.json"], "image.txt", ("tok.json",)),
     Case("tokenizer-train-non-utf8-corpus", lambda i: ["tokenizer", "train", "--data", i.f("latin1.txt"), "--out", "tok.json"], "latin1.txt", ("tok.json",)),
@@ -148,9 +162,9 @@ CASES = [
     Case("tokenizer-train-negative-vocab", lambda i: ["tokenizer", "train", "--data", "x.txt", "--out", "tok.json", "--tokenizer.vocab_size=-5"], "tokenizer.vocab_size", ("tok.json",)),
     # --- data
     Case("data-prepare-missing-tokenizer", lambda i: ["data", "prepare", "--data", i.f("stories.txt"), "-t", "missing.json", "--out", "out"], "missing.json", ("out",)),
-    Case("data-prepare-malformed-jsonl", lambda i: ["data", "prepare", "--data", i.f("malformed.jsonl"), "-t", str(i.run / "tokenizer.json"), "--out", "out", "--data.workers=1"], "malformed.jsonl", ("out",)),
-    Case("data-prepare-empty-corpus", lambda i: ["data", "prepare", "--data", i.f("empty.txt"), "-t", str(i.run / "tokenizer.json"), "--out", "out", "--data.workers=1"], "empty.txt", ("out",)),
-    Case("data-prepare-out-is-file", lambda i: ["data", "prepare", "--data", i.f("stories.txt"), "-t", str(i.run / "tokenizer.json"), "--out", i.f("a_file"), "--data.workers=1"], "a_file"),
+    Case("data-prepare-malformed-jsonl", lambda i: ["data", "prepare", "--data", i.f("malformed.jsonl"), "-t", i.tokenizer, "--out", "out", "--data.workers=1"], "malformed.jsonl", ("out",)),
+    Case("data-prepare-empty-corpus", lambda i: ["data", "prepare", "--data", i.f("empty.txt"), "-t", i.tokenizer, "--out", "out", "--data.workers=1"], "empty.txt", ("out",)),
+    Case("data-prepare-out-is-file", lambda i: ["data", "prepare", "--data", i.f("stories.txt"), "-t", i.tokenizer, "--out", i.f("a_file"), "--data.workers=1"], "a_file"),
     Case("data-inspect-file-not-folder", lambda i: ["data", "inspect", i.f("a_file")], "a_file"),
     Case("data-inspect-truncated-shard", lambda i: ["data", "inspect", i.damaged_shards(in_run("train_000000.bin", truncate_file))], "train_000000.bin"),
     Case("data-inspect-corrupt-meta", lambda i: ["data", "inspect", i.damaged_shards(in_run("meta.json", garbage_file))], "meta.json"),
@@ -169,22 +183,23 @@ CASES = [
     Case("train-unknown-key-override", lambda i: ["train", "--data-dir", str(i.shards), "--run", "r", "--train.lrr=1", *TRAIN], "train.lrr", ("r",)),
     Case("train-impossible-shape", lambda i: ["train", "--data-dir", str(i.shards), "--run", "r", "--model.n_head=2", "--model.n_kv_head=3", *TRAIN], "n_kv_head", ("r",)),
     Case("train-override-without-value", lambda i: ["train", "--data-dir", str(i.shards), "--run", "r", *TRAIN, "--train.max_steps"], "--train.max_steps", ("r",)),
-    Case("train-resume-truncated-weights", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "--train.max_steps=12"], "model.safetensors", ("run/checkpoints/step_0000012",)),
-    Case("train-resume-garbage-state", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("state.pt", garbage_file)), "--train.max_steps=12"], "state.pt", ("run/checkpoints/step_0000012",)),
-    Case("train-resume-broken-checkpoint-json", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("checkpoint.json", garbage_file)), "--train.max_steps=12"], "checkpoint.json", ("run/checkpoints/step_0000012",)),
-    Case("train-resume-wrong-type-config", lambda i: ["train", "--resume", i.damaged_run(in_run("config.toml", lambda p: p.write_text(re.sub(r"^lr = .*$", 'lr = "fast"', p.read_text(), flags=re.M)))), "--train.max_steps=12"], "train.lr", ("run/checkpoints/step_0000012",)),
+    Case("train-resume-truncated-weights", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), *MORE], "model.safetensors", (NEXT,)),
+    Case("train-resume-garbage-state", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("state.pt", garbage_file)), *MORE], "state.pt", (NEXT,)),
+    Case("train-resume-broken-checkpoint-json", lambda i: ["train", "--resume", i.damaged_run(every_checkpoint("checkpoint.json", garbage_file)), *MORE], "checkpoint.json", (NEXT,)),
+    Case("train-resume-wrong-type-config", lambda i: ["train", "--resume", i.damaged_run(in_run("config.toml", lr_fast)), *MORE], "train.lr", (NEXT,)),
     # --- sample
     Case("sample-run-is-file", lambda i: ["sample", i.f("a_file"), "-p", "Once"], "a_file"),
     Case("sample-truncated-weights", lambda i: ["sample", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "-p", "Once"], "model.safetensors"),
     Case("sample-missing-tokenizer", lambda i: ["sample", i.damaged_run(in_run("tokenizer.json", os.remove)), "-p", "Once"], "tokenizer.json"),
-    Case("sample-tokenizer-does-not-match", lambda i: ["sample", i.damaged_run(in_run("tokenizer.json", lambda p: shutil.copy(i.bad / "other_tokenizer.json", p))), "-p", "Once", "-n", "50", "-t", "2"], "tokenizer.json"),
+    Case("sample-tokenizer-does-not-match", lambda i: ["sample", i.damaged_run(in_run("tokenizer.json", i.replace_with("other_tokenizer.json"))),
+                                                       "-p", "Once", "-n", "50", "-t", "2"], "tokenizer.json"),
     Case("sample-prompt-file-non-utf8", lambda i: ["sample", str(i.run), "--prompt-file", i.f("latin1.txt")], "latin1.txt"),
     Case("sample-negative-max-new-tokens", lambda i: ["sample", str(i.run), "-p", "Once", "-n", "-5"], "max_new_tokens"),
     # --- eval
-    Case("eval-garbage-weights", lambda i: ["eval", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--no-samples"], "model.safetensors", ("run/eval.json", "run/eval.md")),
-    Case("eval-missing-data", lambda i: ["eval", i.damaged_run(lambda r: None), "--data", "missing.txt", "--no-samples"], "missing.txt", ("run/eval.json", "run/eval.md")),
-    Case("eval-malformed-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("malformed_hellaswag.jsonl"), "--no-samples"], "malformed_hellaswag.jsonl", ("run/eval.json", "run/eval.md")),
-    Case("eval-empty-hellaswag", lambda i: ["eval", i.damaged_run(lambda r: None), "--hellaswag", i.f("empty.jsonl"), "--no-samples"], "empty.jsonl", ("run/eval.json", "run/eval.md")),
+    Case("eval-garbage-weights", lambda i: ["eval", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), NO_SAMPLES], "model.safetensors", EVAL_OUT),
+    Case("eval-missing-data", lambda i: ["eval", i.damaged_run(), "--data", "missing.txt", NO_SAMPLES], "missing.txt", EVAL_OUT),
+    Case("eval-malformed-hellaswag", lambda i: ["eval", i.damaged_run(), "--hellaswag", i.f("malformed_hellaswag.jsonl"), NO_SAMPLES], "malformed_hellaswag.jsonl", EVAL_OUT),
+    Case("eval-empty-hellaswag", lambda i: ["eval", i.damaged_run(), "--hellaswag", i.f("empty.jsonl"), NO_SAMPLES], "empty.jsonl", EVAL_OUT),
     # --- compare, plot
     Case("sample-garbage-best-pointer", lambda i: ["sample", i.damaged_run(in_run("checkpoints/best.json", garbage_file)), "-p", "Once"], "best.json"),
     Case("compare-binary-metrics", lambda i: ["compare", i.damaged_run(in_run("metrics.csv", lambda p: p.write_bytes(PNG))), "--out", "out"], "metrics.csv", ("out",)),
@@ -194,13 +209,15 @@ CASES = [
     # --- export, import
     Case("export-hf-truncated-weights", lambda i: ["export", i.damaged_run(every_checkpoint("model.safetensors", truncate_file)), "--to", "hf", "out"], "model.safetensors", ("out",)),
     Case("export-gguf-missing-tokenizer", lambda i: ["export", i.damaged_run(in_run("tokenizer.json", os.remove)), "--gguf", "out.gguf"], "tokenizer.json", ("out.gguf",)),
-    Case("export-hf-tokenizer-of-other-text", lambda i: ["export", i.damaged_run(in_run("tokenizer.json", lambda p: shutil.copy(i.bad / "same_size_tokenizer.json", p))), "--to", "hf", "out"], "tokenizer.json", ("out",)),
+    Case("export-hf-tokenizer-of-other-text", lambda i: ["export", i.damaged_run(in_run("tokenizer.json", i.replace_with("same_size_tokenizer.json"))),
+                                                         "--to", "hf", "out"], "tokenizer.json", ("out",)),
     Case("export-hf-out-is-file", lambda i: ["export", str(i.run), "--to", "hf", i.f("a_file")], "a_file"),
     Case("import-hf-corrupt-config", lambda i: ["import", "hf", i.f("hf_bad_config"), "--run", "r"], "config.json", ("r",)),
     Case("import-hf-truncated-weights", lambda i: ["import", "hf", i.f("hf_truncated"), "--run", "r"], "hf_truncated", ("r",)),
     # --- distill
     Case("distill-missing-prompts", lambda i: ["distill", str(i.run), "--prompts", "missing.txt", "--out", "s.jsonl"], "missing.txt", ("s.jsonl", "s.jsonl.partial")),
-    Case("distill-teacher-corrupt-weights", lambda i: ["distill", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)), "--prompts", i.f("stories.txt"), "--out", "s.jsonl"], "model.safetensors", ("s.jsonl", "s.jsonl.partial")),
+    Case("distill-teacher-corrupt-weights", lambda i: ["distill", i.damaged_run(every_checkpoint("model.safetensors", garbage_file)),
+                                                       "--prompts", i.f("stories.txt"), "--out", "s.jsonl"], "model.safetensors", ("s.jsonl", "s.jsonl.partial")),
     # --- quickstart, run, speedrun
     Case("quickstart-missing-corpus", lambda i: ["quickstart", "--data", "missing.txt", "--out", "qs"], "missing.txt", ("qs/checkpoints",)),
     Case("quickstart-out-is-file", lambda i: ["quickstart", "--data", i.f("stories.txt"), "--out", i.f("a_file")], "a_file"),
