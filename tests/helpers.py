@@ -69,3 +69,17 @@ def run_copy_with(run, copy, section: str = "data", **settings):
     setattr(cfg, section, getattr(cfg, section).model_copy(update=settings))
     save_config(cfg, copy / "config.toml")
     return copy
+
+
+def truncate_file(path, keep: float = 0.5) -> None:
+    """Cut a file to `keep` of its length, as a crash or a full disk leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def garbage_file(path) -> None:
+    """Overwrite a file with bytes no reader accepts (of the same length, at least 64)."""
+    import random
+
+    size = max(64, path.stat().st_size if path.exists() else 0)
+    path.write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(size)))

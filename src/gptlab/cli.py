@@ -18,6 +18,13 @@ from gptlab.config import Config, DistillConfig, load_config
 from gptlab.errors import GptlabError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (the problem and where the usage is), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} — see {self.prog} --help\n")
+
+
 def _parser(sub, name: str, help: str, examples: str, description: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
@@ -425,6 +432,7 @@ def _sample(args, overrides) -> int:
     from gptlab.device import pick_device
     from gptlab.generate import generate
     from gptlab.runs import load_run
+    from gptlab.text.sources import read_text
 
     model, tokenizer, cfg = load_run(args.run, args.checkpoint, device=pick_device(_config(args, overrides).train.device))
     prompts = list(args.prompt or [])
@@ -432,7 +440,7 @@ def _sample(args, overrides) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise GptlabError(f"prompt file not found: {path}", "give a text file with one prompt per line")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in read_text(path).splitlines() if line.strip()]
     flags = {"prompts": prompts or None, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
              "top_k": args.top_k, "top_p": args.top_p, "num_samples": args.num_samples, "seed": args.seed}
     raw = {"sample": {**cfg.sample.model_dump(exclude_none=True), **{k: v for k, v in flags.items() if v is not None}}}
@@ -794,7 +802,7 @@ def _speedrun(args, overrides) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gptlab",
         description="Build small GPT language models from scratch: corpus -> tokenizer -> shards -> model -> training -> samples.",
         epilog="Run `gptlab COMMAND --help` for a command's options and examples.",

@@ -447,6 +447,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise GptlabError(f"config file {path} is not valid TOML: {e}") from None
+        except UnicodeDecodeError:
+            raise GptlabError(f"config file {path} is not UTF-8 text (binary, or another encoding)", "give a TOML file saved as UTF-8") from None
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

@@ -14,7 +14,11 @@ from typing import IO, Iterator
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temporary file beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        from gptlab.errors import GptlabError
+
+        raise GptlabError(f"{path} is a folder, so the file cannot be written there", "give a file path that is not a folder")
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
@@ -50,6 +54,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`, or a GptlabError naming the file that stands where a folder is wanted."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        from gptlab.errors import GptlabError
+
+        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
+        raise GptlabError(f"cannot make the folder {path}: {blocker} is a file", "give a folder path, or move the file") from None
+    return path
 
 
 def _umask() -> int:

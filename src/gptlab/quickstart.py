@@ -168,7 +168,6 @@ def _tokenizer_stage(cfg: Config, run_dir: Path, data_dir: Path, say) -> Path:
     say(f"[1/4] tokenizer: training a {cfg.tokenizer.kind} tokenizer of {cfg.tokenizer.vocab_size:,} tokens -> {path}")
     documents = (doc for _, doc in iter_documents(cfg.data.sources, cfg.text))
     tokenizer = train_tokenizer(documents, cfg.tokenizer)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     return path
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from gptlab.config import Config, ModelConfig, load_config, parse_override, save_config
@@ -123,7 +125,11 @@ def best_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / CHECKPOINTS / BEST
     if not pointer.is_file():
         return None
-    path = pointer.parent / json.loads(pointer.read_text())["checkpoint"]
+    try:
+        path = pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise GptlabError(f"{pointer} is damaged ({type(e).__name__})", "delete it: the last checkpoint is used then "
+                          "(or pass --checkpoint last)") from None
     return path if (path / INFO).is_file() else None
 
 
@@ -144,8 +150,22 @@ def find_checkpoint(path: str | Path, which: str = "best") -> Path:
     raise GptlabError(f"unknown checkpoint choice {which!r}", "use best or last")
 
 
+def _damaged(path: Path, e: Exception) -> GptlabError:
+    """A checkpoint file that no reader accepts: a crash mid-copy, a full disk, another program's file."""
+    detail = " ".join(str(e).split())[:160]
+    return GptlabError(f"{path} is damaged ({type(e).__name__}: {detail})",
+                       f"copy the run again, or delete the folder {path.parent} to fall back to an earlier checkpoint")
+
+
 def read_info(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / INFO).read_text(encoding="utf-8"))
+    path = checkpoint / INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _damaged(path, e) from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), dict):
+        raise _damaged(path, ValueError("no model settings in it"))
+    return info
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -165,11 +185,19 @@ def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     path = checkpoint / WEIGHTS
     device = next(model.parameters()).device
-    model.load_weights(load_file(str(path), device=str(device)), source=str(path))
+    try:
+        weights = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise _damaged(path, e) from None
+    model.load_weights(weights, source=str(path))
 
 
 def load_state(checkpoint: Path, device: torch.device) -> dict:
-    return torch.load(checkpoint / STATE, map_location=device, weights_only=True)
+    path = checkpoint / STATE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:  # garbage, a cut zip archive, no file
+        raise _damaged(path, e) from None
 
 
 def model_config_diff(saved: dict, wanted: dict, ignore: tuple[str, ...] = ("dropout", "attention")) -> list[str]:
@@ -186,8 +214,14 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
     checkpoint = find_checkpoint(run_dir, which)
     run = run_dir_of(checkpoint)
     cfg = load_run_config(run)
-    cfg.model = ModelConfig.model_validate(read_info(checkpoint)["model"])
+    info = read_info(checkpoint)
+    cfg.model = ModelConfig.model_validate(info["model"])
     tokenizer = load_tokenizer(run / "tokenizer.json")
+    made_with = info.get("tokenizer_checksum")
+    if made_with and made_with != tokenizer.checksum:  # same size or not, another tokenizer's ids mean other text
+        raise GptlabError(f"{run / 'tokenizer.json'} is not the tokenizer {checkpoint.name} was trained with "
+                          f"(checksum {tokenizer.checksum[:12]}, trained with {made_with[:12]})",
+                          "put the run's own tokenizer.json back (a copy is in its data folder)")
     model = build_model(cfg.model).to(device)
     load_weights(model, checkpoint)
     return model.eval(), tokenizer, cfg

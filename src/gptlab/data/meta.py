@@ -20,7 +20,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
         raise GptlabError(f"{data_dir} has no meta.json, so it is not a prepared data folder", hint)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GptlabError(f"{path} is corrupt ({e})", "re-run gptlab data prepare") from None
 
 

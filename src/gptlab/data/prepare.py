@@ -31,6 +31,7 @@ is written last: while it is missing the folder is not usable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -62,7 +63,7 @@ from gptlab.data.shards import (
 )
 from gptlab.device import cpu_count
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_bytes, atomic_write_json
+from gptlab.files import atomic_write_bytes, atomic_write_json, make_dirs
 from gptlab.text import (
     Normalizer,
     iter_source_documents,
@@ -419,7 +420,7 @@ class Preparation:
 
     def _open(self, restart: bool) -> None:
         """Load the saved progress and reopen the split writers if the fingerprint matches; else start clean."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.out_dir)
         progress_path = self.out_dir / PROGRESS_FILE
         if progress_path.exists() and not restart:
             try:
@@ -543,10 +544,15 @@ class Preparation:
                     if self._shards_written() > shards_before or time.monotonic() - last_checkpoint > CHECKPOINT_SECONDS:
                         self._checkpoint()
                         last_checkpoint = time.monotonic()
-        except BaseException:
+        except BaseException as e:
+            bar.leave = False  # the error line replaces the bar
             # Leave the files for a rerun: the last checkpoint says how much of them is good.
             for w in self.writers.values():
                 w.close(finish=False)
+            if isinstance(e, GptlabError):  # bad input: fixing it changes the fingerprint, so none of this is of use
+                self._clean()
+                with contextlib.suppress(OSError):
+                    self.out_dir.rmdir()  # if it is empty
             raise
         finally:
             bar.close()

@@ -30,8 +30,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float | None]]:
         raise GptlabError(f"run directory not found: {run_dir}", "check the path (runs are written by gptlab train)")
     if not path.is_file():
         raise GptlabError(f"{run_dir} has no metrics.csv", "give runs written by gptlab train (or leave this one out)")
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = [{k: float(v) if v not in ("", None) else None for k, v in r.items()} for r in csv.DictReader(f)]
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = [{k: float(v) if v not in ("", None) else None for k, v in r.items()} for r in csv.DictReader(f)]
+    except (UnicodeDecodeError, ValueError, TypeError, csv.Error) as e:  # binary, a cut or hand-edited row
+        raise GptlabError(f"{path} is damaged ({type(e).__name__}: {e})", "restore it from a copy, or leave this run out") from None
     if not rows:
         raise GptlabError(f"{path} has no rows yet", "let the run reach its first log step, or leave it out")
     return rows

@@ -26,6 +26,7 @@ EVAL_MD = "eval.md"
 def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress: bool = True, write: bool = True) -> dict:
     """Evaluate a run's best (or last) checkpoint; writes RUN/eval.json and RUN/eval.md; returns the report."""
     from gptlab.device import pick_device, pick_precision, set_threads
+    from gptlab.evaluate.hellaswag import load_hellaswag
     from gptlab.runs import find_checkpoint, load_run, read_info, run_dir_of
 
     cfg = cfg or EvalConfig()
@@ -50,10 +51,11 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
                      "context_length": run_cfg.model.context_length, "max_tokens": cfg.max_tokens},
         "datasets": [],
     }
+    hellaswag = load_hellaswag(cfg.hellaswag, cfg.limit) if cfg.hellaswag else None  # a bad file stops us before scoring
     for path in cfg.data or _own_validation_split(run_cfg, cfg, report, progress):
         report["datasets"].append(_evaluate_dataset(model, tokenizer, run_cfg, cfg, str(path), common))
-    if cfg.hellaswag:
-        report["hellaswag"] = _hellaswag(model, tokenizer, run_cfg, cfg, precision, progress)
+    if hellaswag is not None:
+        report["hellaswag"] = _hellaswag(model, tokenizer, run_cfg, hellaswag, cfg, precision, progress)
     if cfg.sample_tokens and cfg.prompts:
         report["samples"] = _samples(model, tokenizer, run_cfg, cfg)
     report["seconds"] = round(time.perf_counter() - started, 2)
@@ -98,10 +100,9 @@ def _as_prepared(path: str, run_cfg):
     return path
 
 
-def _hellaswag(model, tokenizer, run_cfg, cfg: EvalConfig, precision: str, progress: bool) -> dict:
-    from gptlab.evaluate.hellaswag import load_hellaswag, score_hellaswag
+def _hellaswag(model, tokenizer, run_cfg, items: list, cfg: EvalConfig, precision: str, progress: bool) -> dict:
+    from gptlab.evaluate.hellaswag import score_hellaswag
 
-    items = load_hellaswag(cfg.hellaswag, cfg.limit)
     result = score_hellaswag(model, tokenizer, items, batch_size=cfg.batch_size, precision=precision, progress=progress,
                              data=run_cfg.data)
     result.pop("logprobs")

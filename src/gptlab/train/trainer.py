@@ -47,7 +47,7 @@ from gptlab import runs
 from gptlab.config import Config, config_to_dict
 from gptlab.device import DTYPES, cpu_count, peak_flops, pick_precision, set_threads
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_json
+from gptlab.files import atomic_write_json, make_dirs
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed, preflight
 from gptlab.train.clock import RunClock
@@ -183,7 +183,7 @@ class Trainer:
 
         # ---- the run directory (rank 0 writes it; every rank must see it: a shared filesystem across nodes)
         if dist.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
             runs.save_run_config(cfg, self.run_dir)
             self.tokenizer.save(self.run_dir / "tokenizer.json")
             self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
