@@ -56,16 +56,21 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def make_dirs(path: str | os.PathLike) -> Path:
-    """`mkdir -p path`, or a GptlabError naming the file that stands where a folder is wanted."""
+def check_folder_path(path: str | os.PathLike) -> Path:
+    """A GptlabError now, before any work, if a file stands where the folder `path` (or one above it) must go."""
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
+    blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
         from gptlab.errors import GptlabError
 
-        blocker = next(p for p in (path, *path.parents) if p.exists() and not p.is_dir())
-        raise GptlabError(f"cannot make the folder {path}: {blocker} is a file", "give a folder path, or move the file") from None
+        raise GptlabError(f"cannot make the folder {path}: {blocker} is a file", "give a folder path, or move the file")
+    return path
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """`mkdir -p path`, or a GptlabError naming the file that stands where a folder is wanted."""
+    path = check_folder_path(path)
+    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -63,7 +63,7 @@ from gptlab.data.shards import (
 )
 from gptlab.device import cpu_count
 from gptlab.errors import GptlabError
-from gptlab.files import atomic_write_bytes, atomic_write_json, make_dirs
+from gptlab.files import atomic_write_bytes, atomic_write_json, check_folder_path, make_dirs
 from gptlab.text import (
     Normalizer,
     iter_source_documents,
@@ -723,6 +723,7 @@ def prepare_data(cfg: Config, tokenizer_path: str | os.PathLike, force: bool = F
                 f"train the tokenizer with tokenizer.{role}_token set, or pass --data.add_{role}=false",
             )
     job = Preparation(cfg, tokenizer_path, tokenizer, progress)
+    check_folder_path(job.out_dir)  # before the sources are read
     if not force:
         done = _finished_meta(job.out_dir, job.fingerprint)
         if done is not None:
