@@ -197,7 +197,7 @@ def make_export_run(tmp_path_factory, tiny_tokenizer, tiny_shards):
         torch.manual_seed(0)
         gpt = build_model(model_cfg)
         with torch.no_grad():
-            for pname, p in gpt.named_parameters():
+            for p in gpt.parameters():
                 if p.dim() == 1:  # norm gains around 1, biases around 0
                     p.add_(0.1 * torch.randn_like(p))
         run.mkdir()

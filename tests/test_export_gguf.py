@@ -55,7 +55,7 @@ def llamacpp_forward(meta: dict, w: dict[str, torch.Tensor], ids: list[int]) -> 
 
     x = w["token_embd.weight"][ids]
     for i in range(meta["block_count"]):
-        b = lambda name: w[f"blk.{i}.{name}.weight"]  # noqa: E731
+        b = lambda name, i=i: w[f"blk.{i}.{name}.weight"]  # noqa: E731
         h = rms(x, b("attn_norm"))
         q, k, v = (h @ b(n).T for n in ("attn_q", "attn_k", "attn_v"))
         q, k, v = rope(q.view(T, H, C)), rope(k.view(T, K, C)), v.view(T, K, C)

@@ -204,7 +204,7 @@ def _init_worker(encoder: DocumentEncoder) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"
     global _worker_encoder
     _worker_encoder = encoder
-    encoder.tokenizer  # inherited (fork) or loaded once from the file (spawn)
+    _ = encoder.tokenizer  # inherited (fork) or loaded once from the file (spawn)
 
 
 def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
