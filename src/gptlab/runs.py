@@ -109,6 +109,6 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
     cfg = load_config(run / "config.toml")
     cfg.model = ModelConfig.model_validate(read_info(checkpoint)["model"])
     tokenizer = load_tokenizer(run / "tokenizer.json")
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, device)
     load_weights(model, checkpoint)
     return model.eval(), tokenizer, cfg

@@ -147,7 +147,7 @@ class Trainer:
         from gptlab.data import BatchLoader
         from gptlab.model import build_model
 
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model, self.device)
         # Weights from a single-process checkpoint go in before the model is spread over the ranks.
         weights_from = init_from or (resume_from if resume_from and not ckpt.is_sharded(resume_from) else None)
         if weights_from:
@@ -544,7 +544,7 @@ class Trainer:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.main:
             return None
-        model = build_model(self.cfg.model).to(self.device)
+        model = build_model(self.cfg.model, self.device)
         model.load_weights(full)
         return model
 
