@@ -244,13 +244,14 @@ class GatedMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, activation):
         super().__init__()
+        self.split = (cfg.ff_dim, cfg.ff_dim)
         self.fc = nn.Linear(cfg.d_model, 2 * cfg.ff_dim, bias=cfg.bias)
         self.activation = activation
         self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        gate, up = self.fc(x).chunk(2, dim=-1)
+        gate, up = self.fc(x).split(self.split, dim=-1)
         return self.dropout(self.proj(self.activation(gate) * up))
 
 
@@ -407,6 +408,12 @@ class GPT(nn.Module):
         if non_embedding:
             n -= sum(p.numel() for p in self.embedding_parameters())
         return n
+
+    def fused_matrices(self) -> dict[nn.Parameter, tuple[int, ...]]:
+        """Weights that stack several matrices by rows -> their row counts: Q, K and V of every attention, gate
+        and up of every gated MLP (Muon orthogonalises them one by one)."""
+        stacked = {Attention: "qkv", GatedMLP: "fc"}  # the module's weight that holds its matrices
+        return {getattr(m, stacked[type(m)]).weight: m.split for m in self.modules() if type(m) in stacked}
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward (PaLM appendix B; nanoGPT's estimate_mfu):
