@@ -27,9 +27,9 @@ from gptlab.train.step import TrainStep
 PRESET, BATCH = "aurelius-845k", 8
 
 
-def make_step(precision: str, dropout: float):
+def make_step(precision: str, dropout: float, attention: str):
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**MODEL_PRESETS[PRESET], "dropout": dropout})
+    cfg = ModelConfig(**{**MODEL_PRESETS[PRESET], "dropout": dropout, "attention": attention})
     device = torch.device("cpu")
     model = build_model(cfg, device).train()
     step = TrainStep(model, build_optimizer(model, TrainConfig(lr=1e-3), device), device, precision)
@@ -58,20 +58,25 @@ def main() -> None:
     T, V = MODEL_PRESETS[PRESET]["context_length"], MODEL_PRESETS[PRESET]["vocab_size"]
     tokens = torch.randint(0, V, (BATCH, T + 1), generator=torch.Generator().manual_seed(0))
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    rows = {(p, d): make_step(p, d) for p in args.precisions.split(",") for d in (0.0, 0.1)}
+    variants = [(0.0, "sdpa"), (0.1, "sdpa"), (0.1, "plain")]
+    rows = {(p, d, a): make_step(p, d, a) for p in args.precisions.split(",") for d, a in variants}
     for step in rows.values():
         step(batch).item()  # warm-up: first-call allocations and kernel choices
     best = dict.fromkeys(rows, float("inf"))
     for _ in range(args.rounds):
         for key, step in rows.items():
             best[key] = min(best[key], time_steps(step, batch, args.steps))
-    header = f"{'precision':9} {'dropout':>7} {'tokens/s':>10} {'ms/step':>9} {'cost':>6}"
+    header = f"{'precision':9} {'dropout':>7} {'attention dropout on':>21} {'tokens/s':>10} {'ms/step':>9} {'cost':>6}"
     print(header + "\n" + "-" * len(header))
     cost = {}
-    for (precision, dropout), seconds in best.items():
-        cost[precision] = seconds / best[(precision, 0.0)]
-        print(f"{precision:9} {dropout:7.1f} {BATCH * T / seconds:10,.0f} {1000 * seconds:9.1f} {cost[precision]:5.2f}x")
-    print("RESULT " + " ".join(f"dropout_cost_{p}={c:.2f}" for p, c in cost.items()) + f" cpu={capability}")
+    for (precision, dropout, attention), seconds in best.items():
+        cost[precision, attention] = seconds / best[(precision, 0.0, "sdpa")]
+        where = {"sdpa": "values (fused kernel)", "plain": "probabilities"}[attention] if dropout else ""
+        print(f"{precision:9} {dropout:7.1f} {where:>21} {BATCH * T / seconds:10,.0f} {1000 * seconds:9.1f} "
+              f"{cost[precision, attention]:5.2f}x")
+    print("RESULT " + " ".join(f"dropout_cost_{p}={cost[p, 'sdpa']:.2f}" for p in args.precisions.split(","))
+          + " " + " ".join(f"probabilities_cost_{p}={cost[p, 'plain']:.2f}" for p in args.precisions.split(","))
+          + f" cpu={capability}")
 
 
 if __name__ == "__main__":
