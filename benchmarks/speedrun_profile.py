@@ -45,7 +45,7 @@ def main() -> None:
     device = pick_device(cfg.train.device)
     precision = pick_precision(cfg.train.precision, device)
     cfg.model.vocab_size = cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, device)
     optimizer = build_optimizer(model, cfg.train, device)
     step = TrainStep(model, optimizer, device, precision, cfg.train.grad_clip)
     batch, ctx = cfg.train.batch_size, cfg.model.context_length

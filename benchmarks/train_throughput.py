@@ -78,7 +78,7 @@ ROWS = ["default", "nanogpt_cpu", "fp32_eager", "fp32_compile", "bf16_eager", "h
 def gptlab_step(shape: dict, device: torch.device, precision: str, compile: bool):
     cfg = ModelConfig(n_layer=shape["n_layer"], d_model=shape["d_model"], n_head=shape["n_head"],
                       context_length=shape["context_length"], vocab_size=shape["vocab"])
-    model = build_model(cfg).to(device).train()
+    model = build_model(cfg, device).train()
     train_cfg = TrainConfig(lr=1e-3)
     step = TrainStep(model, build_optimizer(model, train_cfg, device), device, precision, grad_clip=1.0, compile=compile)
     params = model.num_params()

@@ -1,4 +1,4 @@
-"""Throughput work: `gptlab bench peak`, the cached peak FLOP/s that MFU uses, and the fused loss of GPT.forward."""
+"""Throughput work: `gptlab bench peak` and the cached peak FLOP/s that MFU uses (the fused loss: test_model_loss.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import pytest
 import torch
 
 import gptlab.device as dev
-import gptlab.model.gpt as gpt
 from gptlab.cli import main
-from gptlab.config import ModelConfig
-from gptlab.model import GPT
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -78,49 +75,3 @@ def test_slow_sizes_are_skipped_not_waited_for(monkeypatch):
 def test_bad_arguments_are_one_line(cache, capsys):
     assert main(["bench", "peak", "--seconds", "0"]) == 2
     assert "--seconds" in capsys.readouterr().err
-
-
-# --------------------------------------------------------------------------- fused output head + cross-entropy
-
-
-def _model_and_batch(tie: bool, vocab: int = 96, B: int = 3, T: int = 20):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=vocab, n_layer=1, d_model=16, n_head=2, context_length=32, tie_embeddings=tie))
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, vocab, (B, T), generator=g)
-    y[0, :7] = -1  # ignored positions, also across a chunk boundary
-    y[2, -3:] = -1
-    return model.train(), x, y
-
-
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_fused_loss_equals_the_plain_loss_and_its_gradients(tie, monkeypatch):
-    monkeypatch.setattr(gpt, "FUSED_LOSS_CHUNK", 16)  # 60 rows: 4 chunks, the last one short
-    model, x, y = _model_and_batch(tie)
-    params = [p for p in model.parameters()]
-    logits, plain = model(x, y, return_logits=True)
-    plain_grads = torch.autograd.grad(plain / 3, params)  # a scaled loss, as with gradient accumulation
-    none, fused = model(x, y, return_logits=False)
-    fused_grads = torch.autograd.grad(fused / 3, params)
-    assert none is None and logits.shape == (3, 20, 96)
-    assert abs(fused.item() - plain.item()) < 1e-5
-    for p, a, b in zip(params, plain_grads, fused_grads):
-        assert (a - b).abs().max() < 1e-5, p.shape
-    with torch.no_grad():  # evaluation: the loss alone, no gradients kept
-        assert abs(model(x, y, return_logits=False)[1].item() - plain.item()) < 1e-5
-
-
-def test_fused_loss_is_chosen_for_big_logits_only(monkeypatch):
-    model, x, y = _model_and_batch(tie=True)
-    assert model(x, y)[0] is not None  # 3 x 20 x 96 logits: small, returned as before
-    monkeypatch.setattr(gpt, "FUSED_LOSS_MIN_LOGITS", 3 * 20 * 96)
-    logits, loss = model(x, y)
-    assert logits is None and loss.requires_grad
-    assert model(x, y, return_logits=True)[0].shape == (3, 20, 96)
-    assert model(x)[0].shape == (3, 20, 96)  # no targets: logits, whatever their size
-
-
-def test_fused_loss_compiles_without_graph_breaks():
-    model, x, y = _model_and_batch(tie=True)
-    explanation = torch._dynamo.explain(lambda x, y: model(x, y, return_logits=False))(x, y)
-    assert explanation.graph_break_count == 0, explanation.break_reasons

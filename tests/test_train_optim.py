@@ -9,7 +9,7 @@ from gptlab import device as dev
 from gptlab.config import ModelConfig, TrainConfig
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.train.optim import build_optimizer, learning_rate
+from gptlab.train.optim import Muon, build_optimizer, learning_rate
 
 
 def test_weight_decay_on_matrices_and_embeddings_only():
@@ -47,6 +47,60 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     again.load_state_dict(opt.state_dict())
     p = model.blocks[0].attn.proj.weight
     assert torch.equal(again.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer"])
+
+
+
+def _ops(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_muon_makes_its_momentum_buffers_once_and_steps_in_place():
+    """Defect: a zeros_like per parameter every step (setdefault's argument) and a new Nesterov update tensor."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8, 6))
+    opt = Muon([weight], lr=0.01, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.float32)
+    weight.grad = torch.randn(8, 6)
+    opt.step()
+    buffer = opt.state[weight]["momentum_buffer"]
+    weight.grad = torch.randn(8, 6)
+    ops = _ops(opt.step)
+    assert "aten::lerp_" in ops  # the profiler sees the step
+    assert not {"aten::zeros_like", "aten::zeros", "aten::lerp"} & ops, ops
+    assert opt.state[weight]["momentum_buffer"] is buffer
+
+
+def test_muon_split_update_equals_orthogonalising_each_block_alone():
+    torch.manual_seed(0)
+    rows = (6, 2, 2)  # Q, K, V of 3 query heads and 1 key/value head, head size 2, width 6
+    stacked = torch.nn.Parameter(torch.randn(10, 6))
+    alone = [torch.nn.Parameter(block.detach().clone()) for block in stacked.split(rows)]
+    kwargs = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.float32)
+    split, separate = Muon([stacked], blocks={stacked: rows}, **kwargs), Muon(alone, **kwargs)
+    whole = torch.nn.Parameter(stacked.detach().clone())
+    as_one = Muon([whole], **kwargs)
+    for _ in range(3):
+        grad = torch.randn(10, 6)
+        stacked.grad, whole.grad = grad.clone(), grad.clone()
+        for p, g in zip(alone, grad.split(rows)):
+            p.grad = g.clone()
+        split.step(), separate.step(), as_one.step()
+    torch.testing.assert_close(stacked.detach(), torch.cat([p.detach() for p in alone]))
+    assert (stacked - whole).abs().max() > 1e-3  # splitting changes the update
+
+
+def test_the_model_names_its_stacked_matrices_for_muon():
+    cfg = ModelConfig(vocab_size=50, n_layer=2, d_model=16, n_head=4, n_kv_head=2, context_length=8, mlp="swiglu", d_ff=24)
+    model = GPT(cfg)
+    blocks = model.fused_matrices()
+    assert blocks[model.blocks[1].attn.qkv.weight] == (16, 8, 8)
+    assert blocks[model.blocks[0].mlp.fc.weight] == (24, 24)
+    assert len(blocks) == 4 and all(sum(r) == p.size(0) for p, r in blocks.items())
+    muon = build_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu")).optimizers[1]
+    assert muon.blocks == blocks
+    assert build_optimizer(model, TrainConfig(optimizer="muon", muon_split=False), torch.device("cpu")).optimizers[1].blocks == {}
+
 
 def lr(schedule, step, progress, **kw):
     return learning_rate(TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule=schedule, **kw), step, progress)

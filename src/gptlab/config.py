@@ -219,6 +219,7 @@ class TrainConfig(Section):
     max_time: float | None = Field(None, gt=0)  # seconds
     optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW on the rest
     muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_split: bool = True  # Muon orthogonalises Q, K, V (and gate, up) one by one, not stacked as one matrix
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"

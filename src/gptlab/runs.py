@@ -222,6 +222,6 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
         raise GptlabError(f"{run / 'tokenizer.json'} is not the tokenizer {checkpoint.name} was trained with "
                           f"(checksum {tokenizer.checksum[:12]}, trained with {made_with[:12]})",
                           "put the run's own tokenizer.json back (a copy is in its data folder)")
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, device)
     load_weights(model, checkpoint)
     return model.eval(), tokenizer, cfg

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model.cache import KVCache
+from gptlab.model.loss import LOSSES, logits_cross_entropy, loss_for
 
 # --------------------------------------------------------------------------- norms
 
@@ -153,15 +154,22 @@ POSITIONS = {"none": NoPositions, "learned": LearnedPositions, "sinusoidal": Sin
 
 
 def sdpa_attention(q, k, v, mask, dropout_p: float):
-    """PyTorch's fused kernel: flash attention on CUDA and CPU, grouped key/value heads without copies."""
+    """PyTorch's fused kernel: flash attention on CUDA and CPU, grouped key/value heads without copies.
+
+    Attention dropout goes on the values, not on the probabilities: softmax(Q K^T) (dropout(V)) drops value
+    features for every query at once, the same mean and a similar regularisation, at O(T C) a head instead
+    of O(T^2). PyTorch's CPU kernels have no dropout: with dropout_p > 0 they fall back to the math path,
+    which builds the T x T probabilities and a T x T random mask (5x slower a step at aurelius-845k).
+    """
     grouped = k.size(1) != q.size(1)
     return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=grouped
+        q, k, F.dropout(v, dropout_p), attn_mask=mask, is_causal=mask is None, enable_gqa=grouped
     )
 
 
 def plain_attention(q, k, v, mask, dropout_p: float):
-    """softmax(Q K^T / sqrt(C) + causal mask) V, written out: the reference the fused kernel must match."""
+    """softmax(Q K^T / sqrt(C) + causal mask) V, written out: the reference the fused kernel must match.
+    Dropout here is on the probabilities, as in the Transformer paper and nanoGPT."""
     group = q.size(1) // k.size(1)  # query heads sharing one key/value head (GQA / MQA)
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # [B, H, T, T_keys]
@@ -236,13 +244,14 @@ class GatedMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, activation):
         super().__init__()
+        self.split = (cfg.ff_dim, cfg.ff_dim)
         self.fc = nn.Linear(cfg.d_model, 2 * cfg.ff_dim, bias=cfg.bias)
         self.activation = activation
         self.proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        gate, up = self.fc(x).chunk(2, dim=-1)
+        gate, up = self.fc(x).split(self.split, dim=-1)
         return self.dropout(self.proj(self.activation(gate) * up))
 
 
@@ -327,75 +336,13 @@ def init_trunc_normal(model: GPT, cfg: ModelConfig) -> None:
 INITS = {"gpt2": init_gpt2, "trunc_normal": init_trunc_normal, "pytorch": lambda model, cfg: None}
 
 
-# --------------------------------------------------------------------------- loss
-
-# The fused loss (below) is used where the logits of a batch would be bigger than this many elements (4 MB in
-# fp32): smaller ones stay in the CPU's caches anyway. Measured on 2 AVX2 cores, fp32, batch 16 x ctx 256,
-# width 256 (head + loss, forward and backward, 1 thread): plain 546 ms, chunks of 256 rows 385 ms at vocab
-# 4,096; 2.2 s vs 1.8 s at 16,384; peak memory 450 -> 310 MB and 1.8 GB -> 0.4 GB at 32,768.
-FUSED_LOSS_MIN_LOGITS = 2**20
-# Rows a chunk. Width 128, vocab 4,096, 2 threads (head + loss, forward and backward): 126 ms at 256 rows,
-# 108-118 at 512, 117-119 at 1,024, 130-135 at 2,048; 64 is slower still (small matmuls).
-FUSED_LOSS_CHUNK = 512
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of x @ weight.T against targets (-1 ignored), FUSED_LOSS_CHUNK rows at a time.
-
-    The gradient of cross-entropy with respect to the logits is softmax - one-hot, known as soon as a chunk's
-    logits are. So the forward pass computes each chunk's logits, its loss and both input gradients, then
-    drops the logits; backward only scales the stored gradients. The whole [B*T, V] logits never exist, and
-    there are fewer passes over them than in lm_head + F.cross_entropy (no stored logits, log-softmax and
-    its gradient): faster on a CPU as well as smaller (the Liger kernel / Cut Cross-Entropy idea, in torch).
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, chunk: int):
-        valid = targets != -1
-        count = valid.sum().clamp(min=1)
-        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if grads else None
-        grad_w = torch.zeros_like(weight) if grads else None
-        loss = torch.zeros((), device=x.device, dtype=torch.float32)
-        for i in range(0, x.shape[0], chunk):
-            xs, keep = x[i : i + chunk], valid[i : i + chunk, None].float()
-            target = targets[i : i + chunk].clamp(min=0)
-            logits = (xs @ weight.t()).float()  # [chunk, V]; autocast picks the matmul's precision
-            top = logits.amax(dim=-1, keepdim=True)
-            target_logit = logits.gather(1, target[:, None])
-            e = logits.sub_(top).exp_()  # the unnormalised softmax, in place of the logits
-            total = e.sum(dim=-1, keepdim=True)
-            loss += ((total.log() + top - target_logit) * keep).sum()
-            if grads:
-                # softmax - one-hot, with no more passes over the [chunk, V] block: the rows' 1 / total goes
-                # on the small [chunk, d] side of each product, and the one-hot part is a row lookup.
-                scale = (keep / total).to(x.dtype)
-                e = e.to(x.dtype)
-                grad_x[i : i + chunk] = (e @ weight) * scale - weight[target] * keep.to(weight.dtype)
-                grad_w += e.t() @ (xs * scale)
-                grad_w.index_add_(0, target, (xs * keep.to(xs.dtype)).to(grad_w.dtype), alpha=-1)
-        ctx.save_for_backward(grad_x, grad_w, count)
-        return loss / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w, count = ctx.saved_tensors
-        scale = grad_loss / count
-        return grad_x * scale, grad_w * scale, None, None
-
-
-def fused_loss_pays(x: torch.Tensor, vocab_size: int) -> bool:
-    """Measured on CPUs only: on a GPU, compile's own cross-entropy kernels are left to do the work."""
-    return x.device.type == "cpu" and x.shape[0] * x.shape[1] * vocab_size >= FUSED_LOSS_MIN_LOGITS
-
-
 # --------------------------------------------------------------------------- the model
 
 
 class GPT(nn.Module):
     """Token embedding (+ positions) -> n_layer blocks -> final norm -> output head, as ModelConfig says."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, loss: str = "plain"):
         super().__init__()
         if cfg.vocab_size is None:
             raise GptlabError("model.vocab_size is not set", "set it to the tokenizer's vocabulary size")
@@ -410,14 +357,15 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one matrix reads tokens in and writes them out
         INITS[cfg.init](self, cfg)
+        self.loss = LOSSES[loss]  # the head's cross-entropy: plain (through the logits) or fused (model/loss.py)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, valid=None, return_logits: bool | None = None):
-        """idx [B, T] token ids -> (logits [B, T, V], mean cross-entropy over targets != -1, or None).
+    def forward(self, idx, targets=None, cache: KVCache | None = None, valid=None, return_logits: bool = False):
+        """idx [B, T] token ids -> (logits [B, T, V], None) without targets, (None, loss) with them.
 
-        With targets, large logits (training batches on a CPU) are not materialised: the loss is fused with
-        the output head (LinearCrossEntropy) and logits come back as None, unless return_logits=True.
-        With a cache (generation), idx continues the cached sequence, `valid` ([B, T] bool) marks its
-        real tokens (default: all), and only the last position's logits come back: [B, 1, V].
+        The loss is the mean cross-entropy over targets != -1, computed by the loss function chosen at set-up,
+        which need not build the logits (the fused one does not); return_logits=True asks for them as well:
+        (logits, loss). With a cache (generation), idx continues the cached sequence, `valid` ([B, T] bool)
+        marks its real tokens (default: all), and only the last position's logits come back: [B, 1, V].
         """
         B, T = idx.shape
         if cache is None:
@@ -432,16 +380,10 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if cache is not None:
             x = x[:, -1:]  # the next token is all generation needs
-        if return_logits is None:  # the logits of a big training batch are not worth their memory
-            return_logits = targets is None or not fused_loss_pays(x, self.cfg.vocab_size)
-        if targets is not None and cache is None and not return_logits:
-            loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), FUSED_LOSS_CHUNK)
-            return None, loss
-        logits = self.lm_head(x)  # [B, T, V]
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        if targets is None or return_logits:
+            logits = self.lm_head(x)  # [B, T, V]
+            return logits, None if targets is None else logits_cross_entropy(logits, targets)
+        return None, self.loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
 
     def check_length(self, T: int) -> None:
         limit = self.positions.max_len
@@ -466,6 +408,12 @@ class GPT(nn.Module):
         if non_embedding:
             n -= sum(p.numel() for p in self.embedding_parameters())
         return n
+
+    def fused_matrices(self) -> dict[nn.Parameter, tuple[int, ...]]:
+        """Weights that stack several matrices by rows -> their row counts: Q, K and V of every attention, gate
+        and up of every gated MLP (Muon orthogonalises them one by one)."""
+        stacked = {Attention: "qkv", GatedMLP: "fc"}  # the module's weight that holds its matrices
+        return {getattr(m, stacked[type(m)]).weight: m.split for m in self.modules() if type(m) in stacked}
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward (PaLM appendix B; nanoGPT's estimate_mfu):
@@ -495,8 +443,9 @@ class GPT(nn.Module):
             ) from None
 
 
-def build_model(cfg: ModelConfig) -> GPT:
-    return GPT(cfg)
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> GPT:
+    """The model on `device` (default: the CPU), with the loss function that pays there (model/loss.py)."""
+    return GPT(cfg, loss=loss_for(device)).to(device)
 
 
 def check_vocab(cfg: ModelConfig, tokenizer) -> ModelConfig:

@@ -24,7 +24,8 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
 
     bytes_per_value is 4 (fp32) or 2 (bf16 autocast) for matmul inputs and outputs; the residual stream, and
     so every norm on it, stays fp32 under autocast (the weights are fp32). A dropout keeps a mask of the
-    activations' dtype (CPU); attention with dropout, or the plain path, keeps the s x s matrices.
+    activations' dtype (CPU); the fused attention drops values (a mask and the dropped copy, per token), the
+    plain path drops probabilities and keeps the s x s matrices.
     """
     s, b, p = seq_len or cfg.context_length, batch_size, bytes_per_value
     h, f, V = cfg.d_model, cfg.ff_dim, cfg.vocab_size
@@ -38,8 +39,9 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
     # attention: input of the QKV matmul, its output, new Q and K after QK-norm and after RoPE, the attention
     # output (the fused kernel keeps it) and its copy that enters the output projection
     rewrites = int(cfg.qk_norm) + int(cfg.position == "rope")
-    fused = cfg.attention == "sdpa" and not dropout
+    fused = cfg.attention == "sdpa"
     per_token += (h + (q_dim + 2 * kv_dim) + rewrites * (q_dim + kv_dim) + q_dim * (1 + fused)) * p
+    per_token += 2 * kv_dim * p * dropout * fused  # the values' dropout mask and dropped copy
     # MLP: its input, then gate+up, activation and product (gated), or the hidden layer before and after
     # the activation (ReLU keeps only its output)
     hidden = {"swiglu": 4, "geglu": 4, "relu": 1}.get(cfg.mlp, 2) * f

@@ -138,7 +138,7 @@ class Trainer:
 
         # ---- model, optimizer, data
         ckpt.seed_everything(t.seed)  # the same weights on every rank: FSDP relies on it
-        self.model = build_model(cfg.model).to(self.device)
+        self.model = build_model(cfg.model, self.device)
         # Weights from a single-process checkpoint go in before the model is spread over the ranks.
         weights_from = init_from or (resume_from if resume_from and not ckpt.is_sharded(resume_from) else None)
         if weights_from:
@@ -281,7 +281,7 @@ class Trainer:
                                                         "num_samples": 1})
         # Sampling (and building the copy FSDP gathers into) leaves the training RNG as it was.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            model = self.dist.whole_model(self.model, lambda: build_model(self.cfg.model).to(self.device))
+            model = self.dist.whole_model(self.model, lambda: build_model(self.cfg.model, self.device))
             if model is None:  # not rank 0: nothing to write
                 return
             model.eval()
