@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -79,6 +80,12 @@ def test_quickstart_defaults_are_a_1m_model_on_the_bible_chapters():
     from gptlab.model import model_info
 
     assert 0.9e6 < model_info(model, 1)["parameters"] < 1.3e6
+    # the first model a user trains goes to every export target: Hugging Face (llama) and GGUF
+    from gptlab.export.families import Llama, family_for
+    from gptlab.export.llamacpp import check_gguf_exportable
+
+    assert isinstance(family_for(model), Llama)
+    assert check_gguf_exportable(model, SimpleNamespace(kind=cfg.tokenizer.kind)) == "LLAMA"
     assert cfg.profile == "cpu-fast" and cfg.train.optimizer == "muon" and cfg.train.schedule == "wsd"
     chapters = iter_source_documents(demo_corpus())
     genesis_1 = next(chapters)
