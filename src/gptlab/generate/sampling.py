@@ -4,7 +4,10 @@ Prompts of different lengths share one batch by left padding: every row ends
 at the same column, so each step appends one column for all rows. The KV cache
 knows which columns are padding (never attended to) and gives each row
 positions that count only its real tokens, so a batched row produces the same
-tokens as the same prompt alone.
+tokens as the same prompt alone -- while the batch fits the context. Past it, the
+whole batch starts again from its last 3/4 context at once, which for a row
+shorter than the widest one is earlier than it would alone; rows then differ
+from their lone runs (a per-row restart would need a cache per row).
 """
 
 from __future__ import annotations
