@@ -42,7 +42,7 @@ def settings(data_dir, *extra) -> list[str]:
         f"--train.data_dir={json.dumps(str(data_dir))}", "--model.n_layer=2", "--model.d_model=32", "--model.n_head=2",
         "--model.context_length=32", "--train.batch_size=4", "--train.grad_accum=2", f"--train.max_steps={STEPS}",
         "--train.eval_every=10", "--train.eval_batches=3", "--train.log_every=1", "--train.warmup_steps=2",
-        "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.precision=fp32", "--train.compile=false",
+        "--train.lr=3e-3", "--train.min_lr_ratio=0.1", "--train.precision=fp32", "--train.compile=false",
         "--train.peak_flops=1e11", "--train.threads=1", "--train.keep_last=2", "--train.sample_every=10",
         "--train.sample_prompt=Once", "--train.sample_tokens=4", *extra,
     ]

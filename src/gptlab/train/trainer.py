@@ -440,10 +440,10 @@ class Trainer:
         return None
 
     def _progress(self, elapsed: float) -> float:
-        """The fraction of the budget spent: the largest over the limits that are set."""
+        """The fraction of the budget spent once the coming step is done: the largest over the limits that are set."""
         t = self.cfg.train
-        fractions = [self.step / t.max_steps if t.max_steps else 0.0,
-                     self.tokens / t.max_tokens if t.max_tokens else 0.0,
+        fractions = [(self.step + 1) / t.max_steps if t.max_steps else 0.0,
+                     (self.tokens + self.tokens_per_step) / t.max_tokens if t.max_tokens else 0.0,
                      elapsed / t.max_time if t.max_time else 0.0]
         return max(fractions)
 
