@@ -14,6 +14,7 @@ no null, so a field that may be None takes the string "none" for it, in a file
 from __future__ import annotations
 
 import difflib
+import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -680,4 +681,58 @@ def _spell_none(obj):
 def save_config(config: BaseModel, path: str | Path) -> None:
     """Write the resolved config as TOML, atomically; every field is written, None as "none" (TOML has no null),
     so load_config reads back exactly this config."""
-    atomic_write_text(path, tomli_w.dumps(_spell_none(config_to_dict(config))))
+    atomic_write_text(path, config_to_toml(config))
+
+
+def config_to_toml(config: BaseModel) -> str:
+    """The TOML that save_config writes."""
+    return tomli_w.dumps(_spell_none(config_to_dict(config)))
+
+
+# --------------------------------------------------------------------------- describing the schema
+
+
+def describe_keys(section: str | None = None) -> list[dict]:
+    """Every config key (`section.key`; a list of tables' fields as `section.key[].field`) with its type, default
+    and description, taken from the schema itself: what `gptlab config` lists."""
+    if section is not None and section not in _SECTIONS:
+        raise GptlabError(f"unknown config section {section!r}", f"choose one of: {', '.join(_SECTIONS)}")
+    rows = [] if section else [_row("profile", Config.model_fields["profile"])]
+    for name in [section] if section else list(_SECTIONS):
+        rows += _rows(_SECTIONS[name], name)
+    return rows
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[dict]:
+    rows = []
+    for name, field in model.model_fields.items():
+        rows.append(_row(f"{prefix}.{name}", field))
+        item = typing.get_args(field.annotation)[0] if typing.get_origin(field.annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            rows += _rows(item, f"{prefix}.{name}[]")
+    return rows
+
+
+def _row(key: str, field) -> dict:
+    default = "(required)" if field.is_required() else field.default
+    return {"key": key, "type": _type_name(field.annotation), "default": NONE if default is None else default,
+            "description": field.description or ""}
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return NONE
+    if origin is Literal:
+        return "|".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {name: f.annotation for name, f in Config.model_fields.items()
+                                         if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}

@@ -20,6 +20,7 @@ from gptlab.tokenizer.char import CharTokenizer
 from gptlab.tokenizer.io import (
     KINDS,
     load_tokenizer,
+    planned_vocab_size,
     tokenizer_from_json,
     train_tokenizer,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "SpecialTokens",
     "Tokenizer",
     "load_tokenizer",
+    "planned_vocab_size",
     "tokenizer_from_json",
     "train_tokenizer",
 ]

@@ -26,6 +26,11 @@ def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig) -> Tokenizer
     return KINDS[cfg.kind].train(documents, cfg)
 
 
+def planned_vocab_size(cfg: TokenizerConfig) -> int:
+    """The vocabulary a tokenizer of `cfg` will have, before it is trained (`gptlab model info` sizes a model with it)."""
+    return KINDS[cfg.kind].planned_vocab_size(cfg)
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer file (or a folder holding tokenizer.json, such as a prepared data dir)."""
     path = Path(path)
