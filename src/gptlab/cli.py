@@ -48,34 +48,31 @@ ALIASES: dict[str, dict[str, str]] = {
 }
 
 
-def _field(key: str):
-    """The schema's field for a dotted key."""
-    section, name = key.split(".")
-    return Config.model_fields[section].annotation.model_fields[name]
+def _toml_value(text: str):
+    return parse_override(f"--v={text}")[1]
 
 
 def _add_aliases(p: argparse.ArgumentParser, command: str) -> None:
+    """The command's flags from ALIASES; kind, choices and help come from the schema."""
     from typing import Literal, get_args, get_origin
 
-    for flags, key in ALIASES.get(command, {}).items():
-        names, (key, _, const) = flags.split(), key.partition("=")
-        field = _field(key)
-        kwargs: dict = {"dest": key, "default": argparse.SUPPRESS}
-        if const:
-            kwargs.update(action="store_const", const=parse_override(f"--v={const}")[1])
+    for flags, setting in ALIASES.get(command, {}).items():
+        key, _, const = setting.partition("=")
+        section, name = key.split(".")
+        field = Config.model_fields[section].annotation.model_fields[name]
+        is_list, kinds = get_origin(field.annotation) is list, get_args(field.annotation)
+        if const:  # a switch
+            kwargs = {"action": "store_const", "const": _toml_value(const), "help": f"{field.description} ({setting})"}
         else:
-            kwargs["metavar"] = names[0].lstrip("-").upper().replace("-", "_")
-            if get_origin(field.annotation) is list:
-                kwargs["action"] = "append"
-            if get_origin(field.annotation) is not list and str not in (field.annotation, *get_args(field.annotation)):
-                # numbers and "none" read as in a TOML file
-                kwargs["type"] = lambda value: parse_override(f"--v={value}")[1]
+            default = "repeatable" if is_list else f"default {'none' if field.default is None else field.default}"
+            kwargs = {"action": "append" if is_list else "store", "help": f"{field.description} ({key}; {default})"}
             if get_origin(field.annotation) is Literal:
-                kwargs["choices"] = get_args(field.annotation)
-                del kwargs["metavar"]
-        default = "" if get_origin(field.annotation) is list or const else f"; default {'none' if field.default is None else field.default}"
-        kwargs["help"] = f"{field.description} ({key}{' = ' + const if const else ''}{default}{', repeatable' if kwargs.get('action') == 'append' else ''})"
-        p.add_argument(*names, **kwargs)
+                kwargs["choices"] = kinds
+            else:
+                kwargs["metavar"] = flags.split()[0].lstrip("-").upper().replace("-", "_")
+            if not is_list and str not in (field.annotation, *kinds):
+                kwargs["type"] = _toml_value  # numbers, true/false and "none" read as in a TOML file
+        p.add_argument(*flags.split(), dest=key, default=argparse.SUPPRESS, **kwargs)
 
 
 def _aliases(args: argparse.Namespace) -> list[Override]:
@@ -92,10 +89,23 @@ def _config(args: argparse.Namespace, path=None, base: dict | None = None, extra
     return load_config(path if path is not None else args.config, [*_aliases(args), *extra, *args.overrides], base)
 
 
+# Commands of two words ("data prepare") sit in a group.
+GROUPS = {"tokenizer": "train a tokenizer, encode and decode text",
+          "data": "download corpora, prepare token shards, inspect them",
+          "model": "inspect model architectures: parameters, FLOPs, memory",
+          "bench": "measure what this machine can do (the peak that MFU is measured against)",
+          "import": "bring a Hugging Face model (GPT-2, Llama, Arcee) in as a gptlab run"}
+
+
 def _parser(sub, command: str, help: str, examples: str, description: str | None = None) -> argparse.ArgumentParser:
     """A command's parser with the common flags (--config, --quiet, --debug) and its alias flags."""
+    *group, name = command.split()
+    if group:
+        if group[0] not in sub.choices:
+            sub.add_parser(group[0], help=GROUPS[group[0]]).add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+        sub = next(a for a in sub.choices[group[0]]._actions if isinstance(a, argparse._SubParsersAction))
     p = sub.add_parser(
-        command.split()[-1],
+        name,
         help=help,
         description=description or help,
         epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  ")
@@ -120,11 +130,8 @@ def _say(args, *lines) -> None:
 
 
 def _add_tokenizer_commands(sub) -> None:
-    tok = sub.add_parser("tokenizer", help="train a tokenizer, encode and decode text")
-    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
-
     p = _parser(
-        tsub,
+        sub,
         "tokenizer train",
         "train a tokenizer on a corpus and save it as one file",
         """
@@ -137,12 +144,12 @@ def _add_tokenizer_commands(sub) -> None:
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="where to write the tokenizer (tokenizer.json)")
     p.set_defaults(func=_tokenizer_train)
 
-    p = _parser(tsub, "tokenizer encode", "show the token ids of a text", 'gptlab tokenizer encode --tokenizer tok.json "Once upon a time"')
+    p = _parser(sub, "tokenizer encode", "show the token ids of a text", 'gptlab tokenizer encode --tokenizer tok.json "Once upon a time"')
     p.add_argument("--tokenizer", "-t", required=True, metavar="FILE")
     p.add_argument("text", help="text to encode")
     p.set_defaults(func=_tokenizer_encode)
 
-    p = _parser(tsub, "tokenizer decode", "turn token ids back into text", "gptlab tokenizer decode --tokenizer tok.json 7454 2402 257 640")
+    p = _parser(sub, "tokenizer decode", "turn token ids back into text", "gptlab tokenizer decode --tokenizer tok.json 7454 2402 257 640")
     p.add_argument("--tokenizer", "-t", required=True, metavar="FILE")
     p.add_argument("ids", nargs="+", type=int, help="token ids")
     p.set_defaults(func=_tokenizer_decode)
@@ -153,14 +160,11 @@ def _tokenizer_train(args) -> int:
     from pathlib import Path
 
     from gptlab.config import save_config
-    from gptlab.text import iter_documents
-    from gptlab.tokenizer import train_tokenizer
+    from gptlab.tokenizer import train_tokenizer_from_config
 
     cfg = _config(args)
-    if cfg.tokenizer.kind != "gpt2" and not cfg.data.sources:  # gpt2 is pretrained: nothing to read
-        raise GptlabError("no corpus to train the tokenizer on", "give --data PATH or set data.sources in the config")
     start = time.perf_counter()
-    tok = train_tokenizer((doc for _, doc in iter_documents(cfg.data.sources, cfg.text)), cfg.tokenizer)
+    tok = train_tokenizer_from_config(cfg)
     out = Path(args.out)
     tok.save(out)
     # Beside the tokenizer, named after it: a plain config.toml could overwrite the user's own.
@@ -189,11 +193,8 @@ def _tokenizer_decode(args) -> int:
 
 
 def _add_data_commands(sub) -> None:
-    data = sub.add_parser("data", help="download corpora, prepare token shards, inspect them")
-    dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-
     p = _parser(
-        dsub,
+        sub,
         "data prepare",
         "encode a corpus into train/val token shards on every core",
         """
@@ -211,7 +212,7 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_data_prepare)
 
     p = _parser(
-        dsub,
+        sub,
         "data inspect",
         "token counts, bytes per token, vocabulary usage, frequent tokens and a sample of prepared data",
         """
@@ -227,7 +228,7 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_data_inspect)
 
     p = _parser(
-        dsub,
+        sub,
         "data download",
         "fetch a known corpus (TinyStories, FineWeb-Edu, Wikipedia, Meditations, ...) where a network exists",
         """
@@ -245,18 +246,13 @@ def _add_data_commands(sub) -> None:
 
 
 def _data_prepare(args) -> int:
-    from gptlab.data import prepare_data
+    from gptlab.data.prepare import format_prepared, prepare_data
 
     cfg = _config(args)
-    meta = prepare_data(cfg, args.tokenizer, force=args.force, progress=not args.quiet)
-    parts = [f"{name} {split['tokens']:,} tokens / {split['documents']:,} documents in {len(split['shards'])} shard(s)"
-             for name, split in meta["splits"].items() if split["tokens"]]
-    print(f"{cfg.data.out_dir}: {'; '.join(parts)}; {meta['splits']['train']['bytes_per_token']} bytes/token, {meta['dtype']}")
-    window = cfg.model.context_length + 1
-    for name, split in meta["splits"].items():
-        if 0 < split["tokens"] < window:
-            print(f"warning: split {name} has {split['tokens']:,} tokens, fewer than one window of {window} "
-                  "(model.context_length + 1): training will refuse it; add data or lower model.context_length", file=sys.stderr)  # fmt: skip
+    summary, warnings = format_prepared(prepare_data(cfg, args.tokenizer, force=args.force, progress=not args.quiet), cfg)
+    print(summary)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     _say(args, f"inspect with: gptlab data inspect {cfg.data.out_dir}")
     return 0
 
@@ -273,13 +269,11 @@ def _data_inspect(args) -> int:
 
 
 def _data_download(args) -> int:
-    from gptlab.text import download_dataset, list_datasets
+    from gptlab.text import download_dataset
+    from gptlab.text.download import format_datasets
 
     if args.list:
-        rows = list_datasets()
-        width = max(len(r["name"]) for r in rows)
-        for r in rows:
-            print(f"{r['name'].ljust(width)}  {r['size']:>8}  {r['description']}")
+        print(format_datasets())
         return 0
     if not args.name:
         raise GptlabError("which dataset?", "give a NAME, or --list to see them")
@@ -291,11 +285,8 @@ def _data_download(args) -> int:
 
 
 def _add_model_commands(sub) -> None:
-    model = sub.add_parser("model", help="inspect model architectures: parameters, FLOPs, memory")
-    msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
-
     p = _parser(
-        msub,
+        sub,
         "model info",
         "parameters, FLOPs per token and training memory of a preset or config",
         """
@@ -530,19 +521,10 @@ def _add_evaluate_commands(sub) -> None:
 
 
 def _eval(args) -> int:
-    from gptlab.evaluate import evaluate_run
+    from gptlab.evaluate import evaluate_run, format_summary
 
     cfg = _config(args).eval
-    report = evaluate_run(args.run, cfg, progress=not args.quiet)
-    for d in report["datasets"]:
-        bpb = f"{d['bpb']:.4f} bits/byte, " if d["bpb"] is not None else ""
-        print(f"{d['name']}: {bpb}loss {d['loss']:.4f}, perplexity {d['perplexity']:.2f}, "
-              + ", ".join(f"top-{k} {100 * v:.1f}%" for k, v in d["topk"].items()) + f" ({d['tokens']:,} tokens)")
-    if "hellaswag" in report:
-        h = report["hellaswag"]
-        print(f"HellaSwag ({h['items']:,} items): acc {100 * h['acc']:.1f}%, acc_norm {100 * h['acc_norm']:.1f}% "
-              f"({h['items_per_s']} items/s)")
-    print(f"report: {report['run']}/eval.md, {report['run']}/eval.json")
+    print(format_summary(evaluate_run(args.run, cfg, progress=not args.quiet)))
     return 0
 
 
@@ -606,10 +588,8 @@ def _distill(args) -> int:
 
 
 def _add_bench_commands(sub) -> None:
-    bench = sub.add_parser("bench", help="measure what this machine can do (the peak that MFU is measured against)")
-    bsub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     p = _parser(
-        bsub,
+        sub,
         "bench peak",
         "dense matmul speed in fp32, bf16 and fp16 through PyTorch; cached as the MFU peak of `gptlab train`",
         """
@@ -674,10 +654,8 @@ def _add_export_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing DIR or FILE")
     p.set_defaults(func=_export)
 
-    imp = sub.add_parser("import", help="bring a Hugging Face model (GPT-2, Llama, Arcee) in as a gptlab run")
-    isub = imp.add_subparsers(dest="import_command", metavar="FORMAT", required=True)
     p = _parser(
-        isub,
+        sub,
         "import hf",
         "a local transformers GPT-2 / Llama / Arcee folder -> a gptlab run to sample, evaluate and train further",
         """
@@ -791,21 +769,14 @@ def _add_config_commands(sub) -> None:
 def _config_command(args) -> int:
     import json
 
-    from gptlab.config import config_to_toml, describe_keys
+    from gptlab.config import config_to_toml, describe_keys, format_keys
 
     if args.show is not None:
         cfg = _config(args, path=args.show or None)
         text = config_to_toml(cfg if not args.section else getattr(cfg, args.section))
         print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else text, end="" if not args.json else "\n")
         return 0
-    rows = describe_keys(args.section)
-    if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-        return 0
-    width = max(len(r["key"]) for r in rows)
-    for r in rows:
-        default = json.dumps(r["default"], ensure_ascii=False) if not isinstance(r["default"], str) else r["default"]
-        print(f"{r['key']:<{width}}  {r['type']} = {default}\n{'':<{width}}  {r['description']}")
+    print(json.dumps(describe_keys(args.section), indent=2, ensure_ascii=False) if args.json else format_keys(args.section))
     return 0
 
 

@@ -14,6 +14,7 @@ no null, so a field that may be None takes the string "none" for it, in a file
 from __future__ import annotations
 
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -736,3 +737,11 @@ def _type_name(annotation: Any) -> str:
 
 _SECTIONS: dict[str, type[BaseModel]] = {name: f.annotation for name, f in Config.model_fields.items()
                                          if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+def format_keys(section: str | None = None) -> str:
+    """describe_keys as text: `key  type = default` and the description under it."""
+    rows = describe_keys(section)
+    width = max(len(r["key"]) for r in rows)
+    show = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
+    return "\n".join(f"{r['key']:<{width}}  {r['type']} = {show(r['default'])}\n{'':<{width}}  {r['description']}" for r in rows)

@@ -23,6 +23,7 @@ from gptlab.tokenizer.io import (
     planned_vocab_size,
     tokenizer_from_json,
     train_tokenizer,
+    train_tokenizer_from_config,
 )
 from gptlab.tokenizer.spm import SentencePieceTokenizer
 
@@ -39,4 +40,5 @@ __all__ = [
     "planned_vocab_size",
     "tokenizer_from_json",
     "train_tokenizer",
+    "train_tokenizer_from_config",
 ]
