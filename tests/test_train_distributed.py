@@ -298,7 +298,7 @@ def test_lost_contact_prints_its_line_and_ends_the_process_at_once(monkeypatch, 
     # Threads blocked on a silent peer would keep the interpreter from exiting; os._exit does not wait for them.
     from gptlab import cli
 
-    def lose_contact(args, overrides):
+    def lose_contact(args):
         d = distributed.Dist(rank=1, local_rank=1, world_size=2, local_world_size=2, restart=0, mode="ddp",
                              device=torch.device("cpu"), checkpoint_group=None)
         raise distributed.lost_contact(RuntimeError("[../gloo/transport.cc:12] Timed out waiting 4000ms"), d, 7, 4)
