@@ -102,3 +102,11 @@ def test_config_show_prints_the_resolved_config(tmp_path, capsys):
     assert main(["config", "--show", "recipes/aurelius.toml", "--train.lr=1e-3", "--train.eval_batches=none"]) == 0
     shown = tomllib.loads(capsys.readouterr().out)
     assert shown["train"]["lr"] == 1e-3 and shown["train"]["eval_batches"] == "none" and shown["model"]["n_layer"] == 6
+
+
+def test_a_runs_own_sample_section_lies_under_the_file_and_the_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text("[sample]\ntop_p = 0.5\n")
+    own = {"sample": {"temperature": 0.3, "top_p": 0.9, "num_samples": 4}}
+    sample = _config(parse_args(["sample", "RUN", "-c", str(toml), "--num-samples", "2"]), base=own).sample
+    assert (sample.temperature, sample.top_p, sample.num_samples) == (0.3, 0.5, 2)
