@@ -110,3 +110,14 @@ def test_a_runs_own_sample_section_lies_under_the_file_and_the_flags(tmp_path):
     own = {"sample": {"temperature": 0.3, "top_p": 0.9, "num_samples": 4}}
     sample = _config(parse_args(["sample", "RUN", "-c", str(toml), "--num-samples", "2"]), base=own).sample
     assert (sample.temperature, sample.top_p, sample.num_samples) == (0.3, 0.5, 2)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_example_in_the_help_parses(command):
+    import shlex
+
+    examples = COMMANDS[command].epilog.split("examples:\n", 1)[1].split("\n\n")[0]
+    for line in examples.splitlines():
+        line = line.split("  #")[0].split(" > ")[0].strip()  # no comment, no shell redirection
+        if line.startswith(("gptlab ", "torchrun ")):
+            parse_args(shlex.split(line.split("gptlab ", 1)[1]))  # exits (2) on a flag the parser lacks
