@@ -2,18 +2,29 @@
 
 import types
 import typing
+from typing import Literal, get_args, get_origin
 
+import annotated_types
 import pytest
 import tomllib
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from gptlab.config import (
+    MODEL_PRESETS,
+    NONE,
     Config,
     EvalConfig,
+    ModelConfig,
     RegexRule,
+    SourceConfig,
     TextConfig,
     TokenizerConfig,
     TrainConfig,
+    allows_none,
     apply_overrides,
+    config_from_dict,
     load_config,
     parse_override,
     save_config,
@@ -122,21 +133,6 @@ def test_a_profile_lays_defaults_under_the_config_and_overrides_win(tmp_path):
 
 # --------------------------------------------------------------------------- the round trip, None included
 
-from typing import Literal, get_args, get_origin  # noqa: E402
-
-import annotated_types  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
-
-from gptlab.config import (  # noqa: E402
-    MODEL_PRESETS,
-    NONE,
-    ModelConfig,
-    SourceConfig,
-    allows_none,
-    config_from_dict,
-)
 
 SECTIONS = {name: field.annotation for name, field in Config.model_fields.items() if isinstance(field.annotation, type)
             and issubclass(field.annotation, BaseModel)}
