@@ -293,7 +293,7 @@ class ModelConfig(Section):
 
 
 def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+    return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)  # a huge n must not take forever
 
 
 # --------------------------------------------------------------------------- train
