@@ -29,7 +29,7 @@ def tiny_config(data_dir, run_dir, *extra):
         f"--train.data_dir={str(data_dir)!r}", f"--train.run_dir={str(run_dir)!r}",
         "--model.n_layer=2", "--model.d_model=32", "--model.n_head=2", "--model.context_length=32",
         "--train.batch_size=4", "--train.max_steps=8", "--train.eval_every=4", "--train.eval_batches=2",
-        "--train.log_every=1", "--train.warmup_steps=2", "--train.lr=3e-3", "--train.min_lr=3e-4",
+        "--train.log_every=1", "--train.warmup_steps=2", "--train.lr=3e-3", "--train.min_lr_ratio=0.1",
         "--train.precision=fp32", "--train.compile=false", "--train.peak_flops=1e11", "--train.threads=1", *extra,
     ])
 

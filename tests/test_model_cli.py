@@ -47,7 +47,7 @@ def test_list_presets(capsys):
         (["model", "info", "missing.toml"], "config file not found: missing.toml"),
         (["model", "info", "tiny-1m", "--model.n_head=3"], "model.n_head=3 does not divide model.d_model=128"),
         (["model", "info", "tiny-1m", "--tokenizer.kind=char"], "pass --model.vocab_size"),
-        (["model", "info", "tiny-1m", "--batch-size", "0"], "--batch-size 0"),
+        (["model", "info", "tiny-1m", "--batch-size", "0"], "train.batch_size = 0 is not allowed"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, capsys):

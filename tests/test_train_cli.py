@@ -35,6 +35,13 @@ def test_train_sample_and_resume_from_the_command_line(tiny_shards, tmp_path, ca
     out = capsys.readouterr().out
     assert out.count("--- sample") == 4 and "of 'The dog'" in out
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Lily\n\nThe cat\n", encoding="utf-8")
+    assert main(["sample", str(run), "-p", "Once", "--prompt-file", str(prompts), "-n", "3", "-t", "0", "--sample.top_k=none"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("--- sample")] == [
+        "--- sample 1 of 'Once'", "--- sample 1 of 'Lily'", "--- sample 1 of 'The cat'"]
+
     assert main(["train", "--resume", str(run), "--train.max_steps=5", "--quiet"]) == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
 

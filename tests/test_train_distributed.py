@@ -42,7 +42,7 @@ def settings(data_dir, *extra) -> list[str]:
         f"--train.data_dir={json.dumps(str(data_dir))}", "--model.n_layer=2", "--model.d_model=32", "--model.n_head=2",
         "--model.context_length=32", "--train.batch_size=4", "--train.grad_accum=2", f"--train.max_steps={STEPS}",
         "--train.eval_every=10", "--train.eval_batches=3", "--train.log_every=1", "--train.warmup_steps=2",
-        "--train.lr=3e-3", "--train.min_lr=3e-4", "--train.precision=fp32", "--train.compile=false",
+        "--train.lr=3e-3", "--train.min_lr_ratio=0.1", "--train.precision=fp32", "--train.compile=false",
         "--train.peak_flops=1e11", "--train.threads=1", "--train.keep_last=2", "--train.sample_every=10",
         "--train.sample_prompt=Once", "--train.sample_tokens=4", *extra,
     ]
@@ -313,7 +313,7 @@ def test_lost_contact_prints_its_line_and_ends_the_process_at_once(monkeypatch, 
     # Threads blocked on a silent peer would keep the interpreter from exiting; os._exit does not wait for them.
     from gptlab import cli
 
-    def lose_contact(args, overrides):
+    def lose_contact(args):
         d = distributed.Dist(rank=1, local_rank=1, world_size=2, local_world_size=2, restart=0, mode="ddp",
                              device=torch.device("cpu"), checkpoint_group=None)
         raise distributed.lost_contact(RuntimeError("[../gloo/transport.cc:12] Timed out waiting 4000ms"), d, 7, 4)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gptlab import device as dev
-from gptlab.config import ModelConfig, TrainConfig
+from gptlab.config import ModelConfig, TrainConfig, load_config
 from gptlab.errors import GptlabError
 from gptlab.model import GPT
-from gptlab.train.optim import Muon, build_optimizer, learning_rate
+from gptlab.train.optim import DECAY, Muon, build_optimizer, learning_rate
 
 
 def test_weight_decay_on_matrices_and_embeddings_only():
@@ -103,7 +103,7 @@ def test_the_model_names_its_stacked_matrices_for_muon():
 
 
 def lr(schedule, step, progress, **kw):
-    return learning_rate(TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule=schedule, **kw), step, progress)
+    return learning_rate(TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule, **kw), step, progress)
 
 
 def test_warmup_is_linear_in_steps():
@@ -127,6 +127,46 @@ def test_cosine_at_a_quarter_of_the_run():
 def test_wsd_is_flat_then_decays_over_its_last_fraction():
     assert lr("wsd", 100, 0.79, decay_fraction=0.2) == pytest.approx(1.0)
     assert lr("wsd", 100, 0.9, decay_fraction=0.2) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("peak", [5e-5, 1e-3, 1.2e-2])
+@pytest.mark.parametrize("schedule", sorted(DECAY))
+def test_every_schedule_falls_to_its_floor_on_the_last_step_and_never_rises(schedule, peak):
+    """As the trainer calls it: progress counts the step being taken, so the last of 100 steps has progress 1."""
+    cfg = TrainConfig(lr=peak, warmup_steps=10, schedule=schedule)  # the default floor: a tenth of the peak
+    steps = 100
+    rates = [learning_rate(cfg, s, (s + 1) / steps) for s in range(steps)]
+    assert max(rates) <= peak * (1 + 1e-12)
+    after_warmup = rates[cfg.warmup_steps - 1:]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(after_warmup, after_warmup[1:]))
+    assert rates[-1] == pytest.approx(peak if schedule == "constant" else peak * cfg.min_lr_ratio, rel=1e-12)
+
+
+def test_a_low_peak_never_climbs_to_the_default_floor():
+    """--train.lr=5e-5 with the defaults: an absolute 1e-4 floor made the rate rise over the run."""
+    cfg = load_config(None, ["--train.lr=5e-5", "--train.max_steps=500"]).train
+    rates = [learning_rate(cfg, s, (s + 1) / 500) for s in range(500)]
+    assert max(rates) <= 5e-5 and rates[-1] == pytest.approx(5e-6)
+
+
+def test_an_old_absolute_min_lr_is_read_as_the_same_floor_and_one_above_lr_is_refused():
+    assert load_config(None, ["--train.lr=3e-3", "--train.min_lr=3e-4"]).train.min_lr_ratio == pytest.approx(0.1)
+    with pytest.raises(GptlabError, match="train.min_lr=0.0001 is above train.lr=5e-05.*train.min_lr_ratio"):
+        load_config(None, ["--train.lr=5e-5", "--train.min_lr=1e-4"])
+
+
+def test_the_trainer_trains_its_last_step_at_the_floor(tiny_shards, tmp_path):
+    from helpers import read_metrics, tiny_config
+
+    from gptlab.train import train
+
+    for limit in ("--train.max_steps=8", "--train.max_tokens=1000"):  # 8 steps of 128 tokens: the last ends past 1000
+        run = tmp_path / limit.split(".")[1].split("=")[0]
+        cfg = tiny_config(tiny_shards, run, "--train.schedule=cosine", "--train.max_steps=none", limit)
+        train(cfg, verbose=False)
+        last = read_metrics(run)[-1]
+        assert int(last["step"]) == 8
+        assert float(last["lr"]) == pytest.approx(cfg.train.lr * cfg.train.min_lr_ratio, rel=1e-6)
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):

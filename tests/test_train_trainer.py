@@ -232,7 +232,7 @@ def test_init_from_loads_weights_with_a_fresh_optimizer(tiny_shards, tmp_path):
     train(tiny_config(tiny_shards, source, "--train.max_steps=4"), verbose=False)
     # a new run with other hyper-parameters (and a [model] section that init_from overrides)
     cfg = tiny_config(tiny_shards, tmp_path / "continued", f"--train.init_from={str(source)!r}", "--train.max_steps=1",
-                      "--train.lr=1e-12", "--train.min_lr=0", "--train.weight_decay=0", "--model.n_layer=5")
+                      "--train.lr=1e-12", "--train.min_lr_ratio=0", "--train.weight_decay=0", "--model.n_layer=5")
     summary = train(cfg, verbose=False)
     assert summary["steps"] == 1
     assert load_config(tmp_path / "continued" / "config.toml").model.n_layer == 2

@@ -1,9 +1,9 @@
 """The `gptlab` command: a thin layer over the Python API.
 
-Each subcommand parses its flags, builds a Config (TOML file + dotted
-overrides such as `--tokenizer.vocab_size=4096`) and calls one API function.
-Stage packages are imported inside the handlers so `gptlab --help` stays fast.
-A GptlabError becomes one line on stderr and exit code 2 (`--debug` shows the
+Each subcommand parses its flags, builds a Config and calls one API function. A flag that
+stands for a config key is listed once, in ALIASES, and every command resolves settings by
+one rule (PRECEDENCE). Stage packages are imported inside the handlers so `gptlab --help`
+stays fast. A GptlabError becomes one line on stderr and exit code 2 (`--debug` shows the
 traceback).
 """
 
@@ -14,9 +14,18 @@ import os
 import sys
 import textwrap
 
-from gptlab.config import Config, DistillConfig, load_config
+from gptlab.config import Config, Override, load_config, parse_override
 from gptlab.errors import GptlabError
 
+PRECEDENCE = """\
+settings, lowest first (one rule for every command):
+  1. the schema's defaults (`gptlab config` lists every key with its type, default and meaning)
+  2. --profile=NAME, e.g. --profile=cpu-fast: a named set of defaults
+  3. the config file: --config FILE (a recipe), or the run's own config.toml for `train --resume` and the
+     run's [sample] section for `sample`
+  4. flags that stand for a key (--data-dir = train.data_dir, --temperature = sample.temperature, ...)
+  5. dotted overrides: --section.key=value, e.g. --train.lr=3e-4; --train.eval_batches=none sets None
+"""
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line (the problem and where the usage is), not the usage block."""
@@ -25,43 +34,112 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} — see {self.prog} --help\n")
 
 
-def _parser(sub, name: str, help: str, examples: str, description: str | None = None) -> argparse.ArgumentParser:
+# Every flag that stands for a config key, by command: "--long -s": "section.key" (a flag whose value is a
+# list appends to it; "section.key=value" is a switch that sets that value). Help comes from the schema.
+ALIASES: dict[str, dict[str, str]] = {
+    "tokenizer train": {"--data": "data.sources"},
+    "data prepare": {"--data": "data.sources", "--val-data": "data.val_sources", "--out -o": "data.out_dir"},
+    "model info": {"--batch-size -b": "train.batch_size"},
+    "train": {"--data-dir -d": "train.data_dir", "--run -r": "train.run_dir", "--nproc": "train.nproc",
+              "--distributed": "train.distributed"},
+    "sample": {"--prompt -p": "sample.prompts", "--max-new-tokens -n": "sample.max_new_tokens",
+               "--temperature -t": "sample.temperature", "--top-k": "sample.top_k", "--top-p": "sample.top_p",
+               "--num-samples": "sample.num_samples", "--seed": "sample.seed"},
+    "eval": {"--data": "eval.data", "--split": "eval.split", "--max-tokens": "eval.max_tokens",
+             "--hellaswag": "eval.hellaswag", "--limit": "eval.limit", "--batch-size -b": "eval.batch_size",
+             "--checkpoint": "eval.checkpoint", "--threads": "eval.threads", "--no-samples": "eval.sample_tokens=0"},
+    "distill": {"--tokens": "distill.tokens", "--batch-size": "distill.batch_size",
+                "--max-new-tokens -n": "distill.max_new_tokens", "--temperature -t": "distill.temperature",
+                "--top-k": "distill.top_k", "--top-p": "distill.top_p", "--seed": "distill.seed",
+                "--chat": "distill.chat=true"},
+}
+
+
+def _toml_value(text: str):
+    return parse_override(f"--v={text}")[1]
+
+
+def _add_aliases(p: argparse.ArgumentParser, command: str) -> None:
+    """The command's flags from ALIASES; kind, choices and help come from the schema."""
+    from typing import Literal, get_args, get_origin
+
+    for flags, setting in ALIASES.get(command, {}).items():
+        key, _, const = setting.partition("=")
+        section, name = key.split(".")
+        field = Config.model_fields[section].annotation.model_fields[name]
+        is_list, kinds = get_origin(field.annotation) is list, get_args(field.annotation)
+        if const:  # a switch
+            kwargs = {"action": "store_const", "const": _toml_value(const), "help": f"{field.description} ({setting})"}
+        else:
+            default = "repeatable" if is_list else f"default {'none' if field.default is None else field.default}"
+            kwargs = {"action": "append" if is_list else "store", "help": f"{field.description} ({key}; {default})"}
+            if get_origin(field.annotation) is Literal:
+                kwargs["choices"] = kinds
+            else:
+                kwargs["metavar"] = flags.split()[0].lstrip("-").upper().replace("-", "_")
+            if not is_list and str not in (field.annotation, *kinds):
+                kwargs["type"] = _toml_value  # numbers, true/false and "none" read as in a TOML file
+        p.add_argument(*flags.split(), dest=key, default=argparse.SUPPRESS, **kwargs)
+
+
+def _aliases(args: argparse.Namespace) -> list[Override]:
+    """The alias flags given, as (key, value) overrides: a list of sources becomes tables of their paths."""
+    out = []
+    for key, value in vars(args).items():
+        if "." in key:
+            out.append((key, [{"path": v} for v in value] if key.endswith("sources") else value))
+    return out
+
+
+def _config(args: argparse.Namespace, path=None, base: dict | None = None, extra: list[Override] = ()) -> Config:
+    """The settings by PRECEDENCE: `path` (default --config) over `base`, then the alias flags, then the overrides."""
+    return load_config(path if path is not None else args.config, [*_aliases(args), *extra, *args.overrides], base)
+
+
+# Commands of two words ("data prepare") sit in a group.
+GROUPS = {"tokenizer": "train a tokenizer, encode and decode text",
+          "data": "download corpora, prepare token shards, inspect them",
+          "model": "inspect model architectures: parameters, FLOPs, memory",
+          "bench": "measure what this machine can do (the peak that MFU is measured against)",
+          "import": "bring a Hugging Face model (GPT-2, Llama, Arcee) in as a gptlab run"}
+
+
+def _parser(sub, command: str, help: str, examples: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A command's parser with the common flags (--config, --quiet, --debug) and its alias flags."""
+    *group, name = command.split()
+    if group:
+        if group[0] not in sub.choices:
+            sub.add_parser(group[0], help=GROUPS[group[0]]).add_subparsers(dest="subcommand", metavar="COMMAND", required=True)
+        sub = next(a for a in sub.choices[group[0]]._actions if isinstance(a, argparse._SubParsersAction))
     p = sub.add_parser(
         name,
         help=help,
         description=description or help,
-        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  ")
+        + "\n\nany config key can be set with --section.key=value; `gptlab config` lists them all",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--config", "-c", metavar="TOML", help="config file; dotted overrides such as --tokenizer.vocab_size=4096 "
-                   "apply on top, and --profile=cpu-fast lays a profile's defaults under both")
-    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    common = p.add_argument_group("common options (every command)")
+    common.add_argument("--config", "-c", metavar="TOML", help="config file; alias flags and dotted overrides such as "
+                        "--tokenizer.vocab_size=4096 apply on top (see `gptlab --help` for the order)")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or informational lines")
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    _add_aliases(p, command)
     return p
 
 
-def _config(args, overrides: list[str]) -> Config:
-    return load_config(getattr(args, "config", None), overrides)
-
-
-def _sources_override(paths: list[str] | None, key: str = "data.sources") -> list[str]:
-    """`--data a.txt --data b.jsonl` as an override of data.sources."""
-    if not paths:
-        return []
-    import json
-
-    return [f"--{key}=[" + ", ".join("{path = %s}" % json.dumps(p) for p in paths) + "]"]
+def _say(args, *lines) -> None:
+    if not args.quiet:
+        print(*lines, sep="\n")
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
 def _add_tokenizer_commands(sub) -> None:
-    tok = sub.add_parser("tokenizer", help="train a tokenizer, encode and decode text")
-    tsub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
-
     p = _parser(
-        tsub,
-        "train",
+        sub,
+        "tokenizer train",
         "train a tokenizer on a corpus and save it as one file",
         """
         gptlab tokenizer train --data meditations.txt --out tok.json --tokenizer.vocab_size=2000
@@ -70,59 +148,48 @@ def _add_tokenizer_commands(sub) -> None:
         gptlab tokenizer train --config recipes/aurelius.toml --out tok.json
         """,
     )
-    p.add_argument("--data", action="append", metavar="PATH", help="corpus: file, folder, glob, .jsonl/.parquet or hf:NAME (repeatable)")
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="where to write the tokenizer (tokenizer.json)")
     p.set_defaults(func=_tokenizer_train)
 
-    p = _parser(tsub, "encode", "show the token ids of a text", 'gptlab tokenizer encode --tokenizer tok.json "Once upon a time"')
+    p = _parser(sub, "tokenizer encode", "show the token ids of a text", 'gptlab tokenizer encode --tokenizer tok.json "Once upon a time"')
     p.add_argument("--tokenizer", "-t", required=True, metavar="FILE")
     p.add_argument("text", help="text to encode")
     p.set_defaults(func=_tokenizer_encode)
 
-    p = _parser(tsub, "decode", "turn token ids back into text", "gptlab tokenizer decode --tokenizer tok.json 7454 2402 257 640")
+    p = _parser(sub, "tokenizer decode", "turn token ids back into text", "gptlab tokenizer decode --tokenizer tok.json 7454 2402 257 640")
     p.add_argument("--tokenizer", "-t", required=True, metavar="FILE")
     p.add_argument("ids", nargs="+", type=int, help="token ids")
     p.set_defaults(func=_tokenizer_decode)
 
 
-def _tokenizer_train(args, overrides) -> int:
+def _tokenizer_train(args) -> int:
     import time
     from pathlib import Path
 
     from gptlab.config import save_config
-    from gptlab.tokenizer import train_tokenizer
+    from gptlab.tokenizer import train_tokenizer_from_config
 
-    cfg = _config(args, overrides + _sources_override(args.data))
-    if cfg.tokenizer.kind == "gpt2":
-        documents = iter(())  # pretrained: nothing to read
-    elif not cfg.data.sources:
-        raise GptlabError("no corpus to train the tokenizer on", "give --data PATH or set data.sources in the config")
-    else:
-        from gptlab.text import iter_documents
-
-        documents = (doc for _, doc in iter_documents(cfg.data.sources, cfg.text))
+    cfg = _config(args)
     start = time.perf_counter()
-    tok = train_tokenizer(documents, cfg.tokenizer)
+    tok = train_tokenizer_from_config(cfg)
     out = Path(args.out)
     tok.save(out)
     # Beside the tokenizer, named after it: a plain config.toml could overwrite the user's own.
     config_path = out.with_name(out.stem + ".config.toml")
     save_config(cfg, config_path)
-    print(
-        f"{tok.kind} tokenizer, {tok.vocab_size:,} tokens, specials {tok.special_tokens}, "
-        f"in {time.perf_counter() - start:.1f} s -> {out} (config: {config_path}, checksum {tok.checksum[:12]})"
-    )
+    _say(args, f"{tok.kind} tokenizer, {tok.vocab_size:,} tokens, specials {tok.special_tokens}, "
+         f"in {time.perf_counter() - start:.1f} s -> {out} (config: {config_path}, checksum {tok.checksum[:12]})")
     return 0
 
 
-def _tokenizer_encode(args, overrides) -> int:
+def _tokenizer_encode(args) -> int:
     from gptlab.tokenizer import load_tokenizer
 
     print(" ".join(map(str, load_tokenizer(args.tokenizer).encode(args.text))))
     return 0
 
 
-def _tokenizer_decode(args, overrides) -> int:
+def _tokenizer_decode(args) -> int:
     from gptlab.tokenizer import load_tokenizer
 
     print(load_tokenizer(args.tokenizer).decode(args.ids))
@@ -133,12 +200,9 @@ def _tokenizer_decode(args, overrides) -> int:
 
 
 def _add_data_commands(sub) -> None:
-    data = sub.add_parser("data", help="download corpora, prepare token shards, inspect them")
-    dsub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
-
     p = _parser(
-        dsub,
-        "prepare",
+        sub,
+        "data prepare",
         "encode a corpus into train/val token shards on every core",
         """
         gptlab data prepare --data stories.txt --tokenizer tok.json --out data/stories
@@ -150,17 +214,13 @@ def _add_data_commands(sub) -> None:
         "meta.json, a copy of the tokenizer and the resolved config. Documents are split into train/val by "
         "data.val_fraction (or --val-data); an interrupted run picks up where it stopped when rerun.",
     )
-    p.add_argument("--data", action="append", metavar="PATH", help="corpus: file, folder, glob, .jsonl/.parquet or hf:NAME (repeatable; sets data.sources)")
-    p.add_argument("--val-data", action="append", metavar="PATH", help="validation corpus (repeatable; sets data.val_sources instead of a val_fraction split)")
     p.add_argument("--tokenizer", "-t", required=True, metavar="FILE", help="tokenizer file from `gptlab tokenizer train`")
-    p.add_argument("--out", "-o", metavar="DIR", help="output folder (data.out_dir)")
     p.add_argument("--force", action="store_true", help="redo a folder that is already prepared from the same inputs")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_data_prepare)
 
     p = _parser(
-        dsub,
-        "inspect",
+        sub,
+        "data inspect",
         "token counts, bytes per token, vocabulary usage, frequent tokens and a sample of prepared data",
         """
         gptlab data inspect data/stories
@@ -175,8 +235,8 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_data_inspect)
 
     p = _parser(
-        dsub,
-        "download",
+        sub,
+        "data download",
         "fetch a known corpus (TinyStories, FineWeb-Edu, Wikipedia, Meditations, ...) where a network exists",
         """
         gptlab data download --list
@@ -192,31 +252,19 @@ def _add_data_commands(sub) -> None:
     p.set_defaults(func=_data_download)
 
 
-def _data_prepare(args, overrides) -> int:
-    import json
+def _data_prepare(args) -> int:
+    from gptlab.data.prepare import format_prepared, prepare_data
 
-    from gptlab.data import prepare_data
-
-    flags = _sources_override(args.data) + _sources_override(args.val_data, "data.val_sources")
-    if args.out:
-        flags.append(f"--data.out_dir={json.dumps(args.out)}")
-    cfg = _config(args, flags + overrides)
-    meta = prepare_data(cfg, args.tokenizer, force=args.force, progress=not args.quiet)
-    parts = []
-    for name, split in meta["splits"].items():
-        if split["tokens"]:
-            parts.append(f"{name} {split['tokens']:,} tokens / {split['documents']:,} documents in {len(split['shards'])} shard(s)")
-    print(f"{cfg.data.out_dir}: {'; '.join(parts)}; {meta['splits']['train']['bytes_per_token']} bytes/token, {meta['dtype']}")
-    window = cfg.model.context_length + 1
-    for name, split in meta["splits"].items():
-        if 0 < split["tokens"] < window:
-            print(f"warning: split {name} has {split['tokens']:,} tokens, fewer than one window of {window} "
-                  "(model.context_length + 1): training will refuse it; add data or lower model.context_length", file=sys.stderr)  # fmt: skip
-    print(f"inspect with: gptlab data inspect {cfg.data.out_dir}")
+    cfg = _config(args)
+    summary, warnings = format_prepared(prepare_data(cfg, args.tokenizer, force=args.force, progress=not args.quiet), cfg)
+    print(summary)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    _say(args, f"inspect with: gptlab data inspect {cfg.data.out_dir}")
     return 0
 
 
-def _data_inspect(args, overrides) -> int:
+def _data_inspect(args) -> int:
     import json
 
     from gptlab.data import inspect_data
@@ -227,19 +275,16 @@ def _data_inspect(args, overrides) -> int:
     return 0
 
 
-def _data_download(args, overrides) -> int:
-    from gptlab.text import download_dataset, list_datasets
+def _data_download(args) -> int:
+    from gptlab.text import download_dataset
+    from gptlab.text.download import format_datasets
 
-    if args.list or not args.name:
-        if not args.list:
-            raise GptlabError("which dataset?", "give a NAME, or --list to see them")
-        rows = list_datasets()
-        width = max(len(r["name"]) for r in rows)
-        for r in rows:
-            print(f"{r['name'].ljust(width)}  {r['size']:>8}  {r['description']}")
+    if args.list:
+        print(format_datasets())
         return 0
-    path = download_dataset(args.name, args.out, max_bytes=args.max_bytes, force=args.force)
-    print(path)
+    if not args.name:
+        raise GptlabError("which dataset?", "give a NAME, or --list to see them")
+    print(download_dataset(args.name, args.out, max_bytes=args.max_bytes, force=args.force))
     return 0
 
 
@@ -247,12 +292,9 @@ def _data_download(args, overrides) -> int:
 
 
 def _add_model_commands(sub) -> None:
-    model = sub.add_parser("model", help="inspect model architectures: parameters, FLOPs, memory")
-    msub = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
-
     p = _parser(
-        msub,
-        "info",
+        sub,
+        "model info",
         "parameters, FLOPs per token and training memory of a preset or config",
         """
         gptlab model info gpt2-124m --batch-size 8
@@ -266,43 +308,31 @@ def _add_model_commands(sub) -> None:
         "The vocabulary size, if the model does not fix it, is the [tokenizer] section's.",
     )
     p.add_argument("model", metavar="PRESET|CONFIG", help="a preset name, a TOML config file, or `list` for the presets")
-    p.add_argument("--batch-size", "-b", type=int, metavar="N", help="sequences per step (default: train.batch_size)")
     p.set_defaults(func=_model_info)
 
 
-def _model_info(args, overrides) -> int:
+def _model_info(args) -> int:
     from pathlib import Path
 
     from gptlab.config import MODEL_PRESETS
     from gptlab.model import format_model_info, model_info
+    from gptlab.tokenizer import planned_vocab_size
 
     if args.model == "list":
-        for name in MODEL_PRESETS:
-            print(name)
+        print("\n".join(MODEL_PRESETS))
         return 0
     if args.model.endswith(".toml") or Path(args.model).is_file():
-        cfg = load_config(args.model, overrides)
+        cfg = _config(args, path=args.model)
     else:
-        cfg = load_config(getattr(args, "config", None), [f"--model.preset={args.model}", *overrides])
+        cfg = _config(args, extra=[("model.preset", args.model)])
     model_cfg = cfg.model
     if model_cfg.vocab_size is None:  # as training does: the tokenizer decides
-        model_cfg = model_cfg.model_copy(update={"vocab_size": _tokenizer_vocab_size(cfg)})
-    batch_size = cfg.train.batch_size if args.batch_size is None else args.batch_size
-    if batch_size < 1:
-        raise GptlabError(f"--batch-size {batch_size} is not allowed", "give a positive number of sequences")
-    print(format_model_info(model_info(model_cfg, batch_size), model_cfg.preset or args.model, model_cfg))
+        model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
+    print(format_model_info(model_info(model_cfg, cfg.train.batch_size), model_cfg.preset or args.model, model_cfg))
     return 0
 
 
-def _tokenizer_vocab_size(cfg: Config) -> int:
-    if cfg.tokenizer.kind == "gpt2":
-        return 50257
-    if cfg.tokenizer.kind == "char":
-        raise GptlabError("a character tokenizer's vocabulary depends on the corpus", "pass --model.vocab_size=N")
-    return cfg.tokenizer.vocab_size
-
-
-# --------------------------------------------------------------------------- train
+# --------------------------------------------------------------------------- train, sample, quickstart, run
 
 
 def _add_train_commands(sub) -> None:
@@ -328,14 +358,8 @@ def _add_train_commands(sub) -> None:
         "process trains its share of every batch (train.distributed: ddp or fsdp; the global batch stays "
         "train.batch_size rows); under torchrun write -r DIR, not --run DIR, which torchrun's own options shadow.",
     )
-    p.add_argument("--data-dir", "-d", metavar="DIR", help="prepared data from `gptlab data prepare` (train.data_dir)")
-    p.add_argument("--run", "-r", metavar="DIR", help="run directory to write (train.run_dir)")
     p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint, with its config.toml (overrides apply on top)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no start-up line, progress bar or evaluation lines")
-    p.add_argument("--nproc", type=int, metavar="N", help="train with N processes on this machine (train.nproc): "
-                   "launches torchrun (python -m torch.distributed.run --standalone) for you")
     p.add_argument("--resume-here", action="store_true", help=argparse.SUPPRESS)  # train.nproc's workers: resume --config's run
-    p.add_argument("--distributed", choices=["ddp", "fsdp"], help="how several processes share the model (train.distributed; default ddp)")
     p.set_defaults(func=_train)
 
     p = _parser(
@@ -350,14 +374,7 @@ def _add_train_commands(sub) -> None:
         """,
     )
     p.add_argument("run", metavar="RUN", help="a run directory (its best checkpoint, see --checkpoint) or a checkpoint folder")
-    p.add_argument("--prompt", "-p", action="append", metavar="TEXT", help="a prompt (repeatable; default: the run's sample.prompts)")
-    p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line")
-    p.add_argument("--max-new-tokens", "-n", type=int, metavar="N")
-    p.add_argument("--temperature", "-t", type=float, metavar="T", help="0 = greedy")
-    p.add_argument("--top-k", type=int, metavar="K")
-    p.add_argument("--top-p", type=float, metavar="P")
-    p.add_argument("--num-samples", type=int, metavar="N", help="samples per prompt")
-    p.add_argument("--seed", type=int, metavar="S")
+    p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line (after any --prompt)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default best)")
     p.set_defaults(func=_sample)
 
@@ -379,7 +396,6 @@ def _add_train_commands(sub) -> None:
     p.add_argument("--data", action="append", metavar="PATH", help="your corpus instead of the demo (repeatable)")
     p.add_argument("--minutes", type=float, default=3.0, metavar="M", help="training time (default 3)")
     p.add_argument("--out", "-o", default="runs/quickstart", metavar="DIR", help="where everything goes (default runs/quickstart)")
-    p.add_argument("--quiet", "-q", action="store_true", help="print only the samples")
     p.set_defaults(func=_quickstart)
 
     p = _parser(
@@ -392,86 +408,66 @@ def _add_train_commands(sub) -> None:
         gptlab run recipes/gpt2.5.toml --train.device=cuda
         """,
     )
-    p.add_argument("recipe", metavar="RECIPE", help="a recipe TOML (see recipes/)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="a recipe TOML (see recipes/); or --config RECIPE")
     p.set_defaults(func=_run_recipe)
 
 
-def _train(args, overrides) -> int:
-    from gptlab.train import train
+def _train(args) -> int:
+    from gptlab.train import resume_config, train
 
-    cfg = _train_config(args, overrides)
+    if args.resume:
+        if args.config or "train.run_dir" in vars(args):
+            raise GptlabError("--resume continues a run with its own config.toml", "drop --config/--run; change settings with overrides such as --train.max_steps=4000")
+        cfg = resume_config(args.resume, [*_aliases(args), *args.overrides])
+    else:
+        cfg = _config(args)
     summary = train(cfg, resume=bool(args.resume or args.resume_here), verbose=not args.quiet)
     return 130 if summary["stopped"] == "interrupted" else 0
 
 
-def _train_flags(args) -> list[str]:
-    """--data-dir, --run, --nproc and --distributed as the overrides they stand for."""
-    import json
-
-    flags = [f"--train.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []
-    flags += [f"--train.run_dir={json.dumps(args.run)}"] if args.run else []
-    flags += [f"--train.nproc={args.nproc}"] if args.nproc is not None else []
-    return flags + ([f"--train.distributed={args.distributed}"] if args.distributed else [])
-
-
-def _train_config(args, overrides) -> Config:
-    from gptlab.train import resume_config
-
-    if args.resume:
-        if args.config or args.run:
-            raise GptlabError("--resume continues a run with its own config.toml", "drop --config/--run; change settings with overrides such as --train.max_steps=4000")
-        return resume_config(args.resume, _train_flags(args) + overrides)
-    return _config(args, _train_flags(args) + overrides)
-
-
-def _sample(args, overrides) -> int:
-    from pathlib import Path
-
-    from gptlab.config import apply_overrides, config_from_dict
+def _sample(args) -> int:
+    from gptlab.config import config_to_dict
     from gptlab.device import pick_device
+    from gptlab.distill import read_prompts
     from gptlab.generate import generate
-    from gptlab.runs import load_run
-    from gptlab.text.sources import read_text
+    from gptlab.runs import find_checkpoint, load_run, load_run_config, run_dir_of
 
-    model, tokenizer, cfg = load_run(args.run, args.checkpoint, device=pick_device(_config(args, overrides).train.device))
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise GptlabError(f"prompt file not found: {path}", "give a text file with one prompt per line")
-        prompts += [line for line in read_text(path).splitlines() if line.strip()]
-    flags = {"prompts": prompts or None, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-             "top_k": args.top_k, "top_p": args.top_p, "num_samples": args.num_samples, "seed": args.seed}
-    raw = {"sample": {**cfg.sample.model_dump(exclude_none=True), **{k: v for k, v in flags.items() if v is not None}}}
-    sample = config_from_dict(apply_overrides(raw, [o for o in overrides if o.startswith("--sample.")])).sample
+    checkpoint = find_checkpoint(args.run, args.checkpoint)
+    run_cfg = load_run_config(run_dir_of(checkpoint))  # its [sample] lies under everything else; its [data] says how text starts
+    from_file = [("sample.prompts", [*vars(args).get("sample.prompts", []), *read_prompts(args.prompt_file)])] if args.prompt_file else []
+    cfg = _config(args, base={"sample": config_to_dict(run_cfg.sample)}, extra=from_file)
+    model, tokenizer, _ = load_run(checkpoint, device=pick_device(cfg.train.device))
+    sample = cfg.sample
     outputs = [(p, i) for p in sample.prompts for i in range(sample.num_samples)]
     if len(outputs) == 1:  # one text: stream it as it comes
         print(sample.prompts[0], end="", flush=True)
-        generate(model, tokenizer, sample.prompts, sample, on_token=lambda i, text: print(text, end="", flush=True), data=cfg.data)
+        generate(model, tokenizer, sample.prompts, sample, on_token=lambda i, text: print(text, end="", flush=True),
+                 data=run_cfg.data)
         print()
         return 0
-    texts = generate(model, tokenizer, sample.prompts, sample, data=cfg.data)
+    texts = generate(model, tokenizer, sample.prompts, sample, data=run_cfg.data)
     for (prompt, i), text in zip(outputs, texts):
         print(f"--- sample {i + 1} of {prompt!r}\n{prompt}{text}\n")
     return 0
 
 
-def _quickstart(args, overrides) -> int:
+def _quickstart(args) -> int:
     from gptlab.quickstart import quickstart
 
     if args.config:
         raise GptlabError("quickstart has its own settings", "change them with overrides (--train.max_steps=...), or run a config with: gptlab run CONFIG")
-    result = quickstart(args.data, args.minutes, args.out, overrides, progress=not args.quiet)
+    result = quickstart(args.data, args.minutes, args.out, args.overrides, progress=not args.quiet)
     if args.quiet:
         print("\n\n".join(result["samples"]))
     return 0
 
 
-def _run_recipe(args, overrides) -> int:
+def _run_recipe(args) -> int:
     from gptlab.quickstart import run_recipe
 
-    result = run_recipe(args.recipe, overrides, progress=not args.quiet)
+    if not (args.recipe or args.config):
+        raise GptlabError("which recipe?", "give a recipe TOML, e.g. gptlab run recipes/aurelius.toml")
+    result = run_recipe(args.recipe or args.config, args.overrides, progress=not args.quiet)
     return 130 if result["train"]["stopped"] == "interrupted" else 0
 
 
@@ -499,16 +495,6 @@ def _add_evaluate_commands(sub) -> None:
         "--hellaswag is given, and samples for a fixed prompt set (eval.prompts).",
     )
     p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint folder")
-    p.add_argument("--data", action="append", metavar="PATH", help="text source or prepared data folder to score (repeatable; eval.data)")
-    p.add_argument("--split", metavar="NAME", help="split of a prepared data folder (default val)")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="score about N tokens of each --data (default all)")
-    p.add_argument("--hellaswag", metavar="PATH", help="HellaSwag validation JSONL (official or preprocessed), or hf:Rowan/hellaswag")
-    p.add_argument("--limit", type=int, metavar="N", help="first N HellaSwag items (default all 10,042)")
-    p.add_argument("--batch-size", "-b", type=int, metavar="B", help="windows / HellaSwag items per forward pass (default 16)")
-    p.add_argument("--checkpoint", choices=["best", "last"], help="which checkpoint of RUN (default best)")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default all cores; 1 is faster when the machine is busy)")
-    p.add_argument("--no-samples", action="store_true", help="skip the sample generations")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=_eval)
 
     p = _parser(
@@ -542,30 +528,15 @@ def _add_evaluate_commands(sub) -> None:
     p.set_defaults(func=_plot)
 
 
-def _eval(args, overrides) -> int:
-    import json
+def _eval(args) -> int:
+    from gptlab.evaluate import evaluate_run, format_summary
 
-    from gptlab.evaluate import evaluate_run
-
-    given = {"data": args.data, "split": args.split, "max_tokens": args.max_tokens, "hellaswag": args.hellaswag,
-             "limit": args.limit, "batch_size": args.batch_size, "checkpoint": args.checkpoint, "threads": args.threads,
-             "sample_tokens": 0 if args.no_samples else None}
-    flags = [f"--eval.{key}={json.dumps(value)}" for key, value in given.items() if value is not None]
-    cfg = _config(args, flags + overrides).eval
-    report = evaluate_run(args.run, cfg, progress=not args.quiet)
-    for d in report["datasets"]:
-        bpb = f"{d['bpb']:.4f} bits/byte, " if d["bpb"] is not None else ""
-        print(f"{d['name']}: {bpb}loss {d['loss']:.4f}, perplexity {d['perplexity']:.2f}, "
-              + ", ".join(f"top-{k} {100 * v:.1f}%" for k, v in d["topk"].items()) + f" ({d['tokens']:,} tokens)")
-    if "hellaswag" in report:
-        h = report["hellaswag"]
-        print(f"HellaSwag ({h['items']:,} items): acc {100 * h['acc']:.1f}%, acc_norm {100 * h['acc_norm']:.1f}% "
-              f"({h['items_per_s']} items/s)")
-    print(f"report: {report['run']}/eval.md, {report['run']}/eval.json")
+    cfg = _config(args).eval
+    print(format_summary(evaluate_run(args.run, cfg, progress=not args.quiet)))
     return 0
 
 
-def _compare(args, overrides) -> int:
+def _compare(args) -> int:
     from gptlab.evaluate import compare_runs
 
     result = compare_runs(args.runs, args.out, x=args.x)
@@ -574,7 +545,7 @@ def _compare(args, overrides) -> int:
     return 0
 
 
-def _plot(args, overrides) -> int:
+def _plot(args) -> int:
     from gptlab.evaluate import plot_run
 
     result = plot_run(args.run, args.out)
@@ -583,7 +554,7 @@ def _plot(args, overrides) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------- bench
+# --------------------------------------------------------------------------- distill
 
 
 def _add_distill_commands(sub) -> None:
@@ -607,28 +578,14 @@ def _add_distill_commands(sub) -> None:
     p.add_argument("teacher", metavar="TEACHER", help="a gptlab run directory or checkpoint, a Hugging Face model folder, or hf:NAME")
     p.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line")
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="the JSON-lines corpus to write")
-    default = {name: field.default for name, field in DistillConfig.model_fields.items()}
-    p.add_argument("--tokens", type=int, metavar="N", help=f"tokens to write (default {default['tokens']:,})")
-    p.add_argument("--batch-size", type=int, metavar="B", help=f"prompts per batch (default {default['batch_size']})")
-    p.add_argument("--max-new-tokens", "-n", type=int, metavar="N", help=f"tokens per sample at most (default {default['max_new_tokens']})")
-    p.add_argument("--temperature", "-t", type=float, metavar="T", help=f"0 = greedy (default {default['temperature']})")
-    p.add_argument("--top-k", type=int, metavar="K")
-    p.add_argument("--top-p", type=float, metavar="P", help=f"default {default['top_p']}")
-    p.add_argument("--seed", type=int, metavar="S")
-    p.add_argument("--chat", action="store_true", default=None, help="use the teacher's chat template; keep only the answers")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda, cuda:1 ... (default cpu)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_distill)
 
 
-def _distill(args, overrides) -> int:
-    from gptlab.config import config_from_dict
+def _distill(args) -> int:
     from gptlab.distill import distill_corpus, load_teacher, read_prompts
 
-    flags = {"tokens": args.tokens, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-             "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed, "chat": args.chat}
-    raw = {"distill": {**_config(args, overrides).distill.model_dump(exclude_none=True), **{k: v for k, v in flags.items() if v is not None}}}
-    settings = config_from_dict(raw).distill  # the flags over --config and --distill.* overrides
+    settings = _config(args).distill
     prompts = read_prompts(args.prompts)
     r = distill_corpus(load_teacher(args.teacher, args.device), prompts, args.out, settings, verbose=not args.quiet)
     again = f" (continued from sample {r['resumed_at_record']:,})" if r["resumed_at_record"] else ""
@@ -639,11 +596,9 @@ def _distill(args, overrides) -> int:
 
 
 def _add_bench_commands(sub) -> None:
-    bench = sub.add_parser("bench", help="measure what this machine can do (the peak that MFU is measured against)")
-    bsub = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True)
     p = _parser(
-        bsub,
-        "peak",
+        sub,
+        "bench peak",
         "dense matmul speed in fp32, bf16 and fp16 through PyTorch; cached as the MFU peak of `gptlab train`",
         """
         gptlab bench peak
@@ -663,7 +618,7 @@ def _add_bench_commands(sub) -> None:
     p.set_defaults(func=_bench_peak)
 
 
-def _bench_peak(args, overrides) -> int:
+def _bench_peak(args) -> int:
     from gptlab.device import format_peak, peak, pick_device
     from gptlab.files import atomic_write_json
 
@@ -707,11 +662,9 @@ def _add_export_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing DIR or FILE")
     p.set_defaults(func=_export)
 
-    imp = sub.add_parser("import", help="bring a Hugging Face model (GPT-2, Llama, Arcee) in as a gptlab run")
-    isub = imp.add_subparsers(dest="import_command", metavar="FORMAT", required=True)
     p = _parser(
-        isub,
-        "hf",
+        sub,
+        "import hf",
         "a local transformers GPT-2 / Llama / Arcee folder -> a gptlab run to sample, evaluate and train further",
         """
         gptlab import hf models/gpt2 --run runs/gpt2
@@ -731,7 +684,7 @@ def _add_export_commands(sub) -> None:
     p.set_defaults(func=_import_hf)
 
 
-def _export(args, overrides) -> int:
+def _export(args) -> int:
     from pathlib import Path
 
     from gptlab.export import export_gguf, export_hf, push_to_hub
@@ -754,7 +707,7 @@ def _export(args, overrides) -> int:
     return 0
 
 
-def _import_hf(args, overrides) -> int:
+def _import_hf(args) -> int:
     from gptlab.export import import_hf
 
     r = import_hf(args.dir, args.run, context_length=args.context_length, force=args.force)
@@ -785,16 +738,53 @@ def _add_speedrun_commands(sub) -> None:
                     "counted once). Writes RUN/speedrun.json and prints a leaderboard row for benchmarks/SPEEDRUN.md.",
     )
     p.add_argument("recipe", nargs="?", metavar="RECIPE", help="a speedrun recipe TOML (default recipes/speedrun_cpu.toml)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress output; print the result only")
     p.set_defaults(func=_speedrun)
 
 
-def _speedrun(args, overrides) -> int:
+def _speedrun(args) -> int:
     from gptlab.speedrun import load_speedrun_config, report, speedrun
 
-    result = speedrun(load_speedrun_config(args.recipe or args.config, overrides), progress=not args.quiet)
+    result = speedrun(load_speedrun_config(args.recipe or args.config, args.overrides), progress=not args.quiet)
     if args.quiet:
         print(report(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _add_config_commands(sub) -> None:
+    p = _parser(
+        sub,
+        "config",
+        "list every config key with its type, default and meaning; or show a resolved config",
+        """
+        gptlab config                      # every key of every section
+        gptlab config train                # one section
+        gptlab config --json > keys.json
+        gptlab config --show recipes/aurelius.toml --train.lr=1e-3   # the config a command would run with
+        """,
+        description="The keys come from the schema itself (gptlab/config.py): set any of them in a TOML file "
+        "([section] key = value) or on the command line (--section.key=value; none for None).",
+    )
+    p.add_argument("section", nargs="?", metavar="SECTION", help="one section (text, tokenizer, data, model, train, sample, eval, distill)")
+    p.add_argument("--json", action="store_true", help="print the keys as JSON")
+    p.add_argument("--show", metavar="TOML", nargs="?", const="", help="print the resolved config of TOML (or of the "
+                   "defaults) with the overrides given, as TOML")
+    p.set_defaults(func=_config_command)
+
+
+def _config_command(args) -> int:
+    import json
+
+    from gptlab.config import config_to_toml, describe_keys, format_keys
+
+    if args.show is not None:
+        cfg = _config(args, path=args.show or None)
+        text = config_to_toml(cfg if not args.section else getattr(cfg, args.section))
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2) if args.json else text, end="" if not args.json else "\n")
+        return 0
+    print(json.dumps(describe_keys(args.section), indent=2, ensure_ascii=False) if args.json else format_keys(args.section))
     return 0
 
 
@@ -805,40 +795,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="gptlab",
         description="Build small GPT language models from scratch: corpus -> tokenizer -> shards -> model -> training -> samples.",
-        epilog="Run `gptlab COMMAND --help` for a command's options and examples.",
+        epilog="Run `gptlab COMMAND --help` for a command's options and examples, `gptlab config` for every "
+        "setting.\n\n" + PRECEDENCE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"gptlab {__import__('gptlab').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_tokenizer_commands(sub)
-    _add_data_commands(sub)
-    _add_model_commands(sub)
-    _add_train_commands(sub)
-    _add_evaluate_commands(sub)
-    _add_distill_commands(sub)
-    _add_bench_commands(sub)
-    _add_speedrun_commands(sub)
-    _add_export_commands(sub)
+    for add in (_add_tokenizer_commands, _add_data_commands, _add_model_commands, _add_train_commands,
+                _add_evaluate_commands, _add_distill_commands, _add_bench_commands, _add_speedrun_commands,
+                _add_export_commands, _add_config_commands):
+        add(sub)
     return parser
 
 
-def _split_overrides(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
-    overrides = []
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; dotted overrides (--section.key=value, --profile=NAME) go to args.overrides in order."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = []
     for arg in extra:
         if arg.startswith("--") and "=" in arg and ("." in arg.split("=", 1)[0] or arg.startswith("--profile=")):
-            overrides.append(arg)
+            args.overrides.append(arg)
         else:
             parser.error(f"unrecognized argument {arg!r} (config overrides look like --section.key=value, or --profile=NAME)")
-    return overrides
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    overrides = _split_overrides(parser, extra)
+    args = parse_args(argv)
     try:
-        return args.func(args, overrides) or 0
+        return args.func(args) or 0
     except GptlabError as e:
-        if getattr(args, "debug", False):
+        if args.debug:
             raise
         print(f"gptlab: error: {e}", file=sys.stderr)
         if e.exit_at_once:

@@ -5,26 +5,55 @@ command-line overrides such as `--tokenizer.vocab_size=4096`. Every value is
 typed and validated here, before any work starts; a bad value becomes one
 GptlabError line naming the key, the value and what is allowed. The resolved
 config is saved next to every output so a result can always be traced back.
+
+Each field's docstring is its description (`gptlab config` lists them). TOML has
+no null, so a field that may be None takes the string "none" for it, in a file
+(`eval_batches = "none"`) and on the command line (`--train.eval_batches=none`).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text
 
+NONE = "none"
+"""How None is spelled where there is no null (TOML, the command line); a field that may be None never holds it."""
+
+
+def allows_none(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are validated."""
+    """Base of every config section: unknown keys are errors, assignments are validated, docstrings describe."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_spelling(cls, value: Any, info) -> Any:
+        """"none" (any case) is None in a field that may be None."""
+        if isinstance(value, str) and value.lower() == NONE and allows_none(cls.model_fields[info.field_name].annotation):
+            return None
+        return value
 
 
 # --------------------------------------------------------------------------- text
@@ -34,65 +63,108 @@ class SourceConfig(Section):
     """One corpus source: a local file/dir/glob, or `hf:NAME` for a Hugging Face dataset."""
 
     path: str
+    """a file, folder or glob of .txt/.jsonl/.json/.parquet files, or hf:NAME for a Hugging Face dataset"""
     format: Literal["auto", "txt", "jsonl", "json", "parquet", "hf"] = "auto"
-    text_field: str = "text"  # jsonl/json/parquet column or HF dataset field
-    label: str | None = None  # name used in meta.json and `data inspect`; defaults to the path
-    # How the text is cut into documents. auto: txt -> separator, records -> record.
+    """how to read it; auto: from the hf: prefix or the files' extensions"""
+    text_field: str = "text"
+    """the jsonl/json/parquet column or Hugging Face dataset field that holds the text"""
+    label: str | None = None
+    """the name shown in meta.json and `data inspect`; none: the path"""
     documents: Literal["auto", "separator", "blank_lines", "file", "record", "line"] = "auto"
-    separator: str = "<|endoftext|>"  # ends a document (usually alone on its line, as in TinyStories)
-    group_by: str | None = None  # join consecutive records sharing this field ("book,chapter": these fields)
-    weight: int = Field(1, ge=1, le=1000)  # repeat the source N times (AureliusGPT doubles Meditations)
-    max_tokens: int | None = Field(None, ge=1)  # stop taking this source after N tokens
+    """how the text is cut into documents; auto: txt by separator, records one per record"""
+    separator: str = "<|endoftext|>"
+    """the line that ends a document (usually alone on its line, as in TinyStories)"""
+    group_by: str | None = None
+    """join consecutive records sharing this field ("book,chapter": these fields) into one document"""
+    weight: int = Field(1, ge=1, le=1000)
+    """repeat the source N times (AureliusGPT doubles Meditations)"""
+    max_tokens: int | None = Field(None, ge=1)
+    """stop taking this source after N tokens; none: all of it"""
     encoding_errors: Literal["strict", "replace"] = "strict"
-    # Hugging Face datasets only
+    """strict: a byte that is not UTF-8 is an error; replace: it becomes U+FFFD"""
     split: str = "train"
+    """the Hugging Face dataset split to read (hf: sources only)"""
     hf_config: str | None = None
+    """the Hugging Face dataset configuration, e.g. a language (hf: sources only)"""
     streaming: bool = True
+    """stream the Hugging Face dataset instead of downloading it whole (hf: sources only)"""
 
 
 class RegexRule(Section):
+    """One regular-expression replacement of the "regex" normalisation step."""
+
     pattern: str
+    """a Python regular expression"""
     replacement: str = ""
+    """what each match becomes (\\1 refers to a group)"""
 
 
 NormalizeStep = Literal["nfc", "nfkc", "greek_to_latin", "strip_gutenberg", "whitespace", "regex", "lowercase"]
 
 
 class TextConfig(Section):
-    normalize: list[NormalizeStep] = []  # applied in order to every document
-    regex_rules: list[RegexRule] = []  # used by the "regex" step
+    """How every document is normalised before tokenisation."""
+
+    normalize: list[NormalizeStep] = []
+    """steps applied in order to every document"""
+    regex_rules: list[RegexRule] = []
+    """the rules of the "regex" step, applied in order"""
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
 class TokenizerConfig(Section):
+    """The tokenizer `gptlab tokenizer train` makes."""
+
     kind: Literal["bpe", "sentencepiece", "gpt2", "char"] = "bpe"
-    vocab_size: int = Field(4096, ge=1, le=1_000_000)  # bpe/sentencepiece; gpt2 and char ignore it
-    sp_model_type: Literal["bpe", "unigram"] = "bpe"  # sentencepiece only
-    gpt2_dir: str | None = None  # folder with encoder.json + vocab.bpe (gpt2 only; never downloaded)
+    """bpe: byte-level BPE; sentencepiece; gpt2: GPT-2's own (read from gpt2_dir); char: one token per character"""
+    vocab_size: int = Field(4096, ge=1, le=1_000_000)
+    """tokens in the vocabulary, specials included (bpe/sentencepiece; gpt2 and char ignore it)"""
+    sp_model_type: Literal["bpe", "unigram"] = "bpe"
+    """the SentencePiece algorithm (sentencepiece only)"""
+    gpt2_dir: str | None = None
+    """a folder with GPT-2's encoder.json and vocab.bpe (gpt2 only; never downloaded)"""
     min_frequency: int = Field(2, ge=1)
-    train_max_bytes: int | None = Field(200_000_000, ge=1)  # text sampled for training the tokenizer
+    """a pair seen fewer times is not merged (bpe)"""
+    train_max_bytes: int | None = Field(200_000_000, ge=1)
+    """text sampled for training the tokenizer; none: the whole corpus"""
     bos_token: str | None = None
+    """the beginning-of-sequence special token; none: no BOS"""
     eos_token: str | None = "<|endoftext|>"
+    """the end-of-sequence special token that ends every document; none: no EOS"""
     pad_token: str | None = None
+    """the padding special token; none: no padding token"""
     extra_special_tokens: list[str] = []
+    """more special tokens, each kept whole and never merged"""
 
 
 # --------------------------------------------------------------------------- data
 
 
 class DataConfig(Section):
+    """The corpus and how `gptlab data prepare` turns it into token shards."""
+
     sources: list[SourceConfig] = []
-    val_sources: list[SourceConfig] = []  # if set, the validation split is these, not a fraction
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # fraction of documents held out
+    """the corpus: files, folders, globs, .jsonl/.parquet files or hf:NAME datasets"""
+    val_sources: list[SourceConfig] = []
+    """the validation corpus; if set, the validation split is these instead of a val_fraction of the documents"""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """fraction of the documents held out for validation"""
     out_dir: str = "data/prepared"
-    shard_size: int = Field(100_000_000, ge=1)  # tokens per shard
-    max_tokens: int | None = Field(None, ge=1)  # stop after this many training tokens
-    workers: int = Field(0, ge=0)  # encoding processes; 0 = all cores
+    """the folder the shards, meta.json, tokenizer and config are written to"""
+    shard_size: int = Field(100_000_000, ge=1)
+    """tokens per shard file"""
+    max_tokens: int | None = Field(None, ge=1)
+    """stop after this many training tokens; none: the whole corpus"""
+    workers: int = Field(0, ge=0)
+    """encoding processes; 0 = all cores"""
     seed: int = 1337
-    add_bos: bool = False  # put the tokenizer's BOS before every document
-    add_eos: bool = True  # put the tokenizer's EOS after every document
+    """seed of the train/validation draw"""
+    add_bos: bool = False
+    """put the tokenizer's BOS before every document"""
+    add_eos: bool = True
+    """put the tokenizer's EOS after every document"""
 
 
 # --------------------------------------------------------------------------- model
@@ -139,32 +211,56 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class ModelConfig(Section):
+    """The GPT's architecture."""
+
     preset: str | None = None
-    vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer
+    """a named architecture from `gptlab model info list` that fills this section; keys set here win"""
+    vocab_size: int | None = Field(None, ge=1)
+    """tokens in the embedding and output head; none: taken from the tokenizer"""
     context_length: int = Field(256, ge=1)
+    """the longest sequence of tokens the model sees"""
     n_layer: int = Field(4, ge=1)
+    """transformer blocks"""
     d_model: int = Field(256, ge=1)
+    """width of the residual stream"""
     n_head: int = Field(4, ge=1)
-    n_kv_head: int | None = Field(None, ge=1)  # None: = n_head (MHA); 1: MQA; between: GQA
-    head_size: int | None = Field(None, ge=1)  # None: d_model // n_head (DefaultGPT sets it apart from d_model)
+    """attention (query) heads per block"""
+    n_kv_head: int | None = Field(None, ge=1)
+    """key/value heads; none: = n_head (multi-head); 1: multi-query; between: grouped-query"""
+    head_size: int | None = Field(None, ge=1)
+    """width of one head; none: d_model // n_head (DefaultGPT sets it apart from d_model)"""
     norm: Literal["layernorm", "rmsnorm", "cosinenorm"] = "rmsnorm"
+    """the normalisation layer"""
     norm_affine: bool = True
+    """norms have a learned gain (and a bias if bias = true)"""
     norm_eps: float = Field(1e-5, gt=0)
+    """the epsilon that keeps a norm from dividing by zero"""
     norm_placement: Literal["pre", "post", "sandwich"] = "pre"
+    """pre: norm before attention/MLP (GPT-2); post: after the residual add (Vaswani); sandwich: both"""
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
+    """how positions are encoded: a learned table, fixed sinusoids, rotary (RoPE) or not at all"""
     rope_theta: float = Field(10000.0, gt=0)
-    attention: Literal["sdpa", "plain"] = "sdpa"  # plain: the readable reference path
+    """RoPE's base wavelength"""
+    attention: Literal["sdpa", "plain"] = "sdpa"
+    """sdpa: PyTorch's fused attention; plain: the readable reference path"""
     qk_norm: bool = False
+    """normalise queries and keys before attention"""
     mlp: Literal["relu", "gelu", "silu", "relu2", "swiglu", "geglu"] = "gelu"
-    d_ff: int | None = Field(None, ge=1)  # None: mlp_ratio * d_model
+    """the feed-forward block: a plain MLP with that activation, or a gated one (swiglu, geglu)"""
+    d_ff: int | None = Field(None, ge=1)
+    """the MLP's hidden width; none: mlp_ratio * d_model"""
     mlp_ratio: float = Field(4.0, gt=0)
+    """the MLP's hidden width over d_model, when d_ff is none"""
     bias: bool = False
+    """linear layers (and norms) have biases"""
     tie_embeddings: bool = True
+    """the output head shares the token embedding's matrix"""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # gpt2: normal(init_std), residual projections / sqrt(2 n_layer); trunc_normal: the same within 3 std,
-    # no residual scaling (GPT 2.5); pytorch: each layer's own default
+    """dropout probability while training"""
     init: Literal["gpt2", "trunc_normal", "pytorch"] = "gpt2"
+    """gpt2: normal(init_std), residual projections / sqrt(2 n_layer); trunc_normal: the same within 3 std without the residual scaling (GPT 2.5); pytorch: each layer's own default"""
     init_std: float = Field(0.02, gt=0)
+    """standard deviation of the gpt2 and trunc_normal inits"""
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -197,76 +293,147 @@ class ModelConfig(Section):
 
 
 def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+    return ", ".join(str(d) for d in range(1, min(n, 64) + 1) if n % d == 0)  # a huge n must not take forever
 
 
 # --------------------------------------------------------------------------- train
 
 
 class TrainConfig(Section):
-    data_dir: str = "data/prepared"  # output of `gptlab data prepare`
+    """How `gptlab train` trains: data, run folder, budget, optimizer, schedule, precision, logging."""
+
+    data_dir: str = "data/prepared"
+    """prepared data: the output of `gptlab data prepare`"""
     run_dir: str = "runs/default"
-    init_from: str | None = None  # a run dir or checkpoint to continue from (new data / hyper-parameters)
-    # Logit distillation: a trained run with the same tokenizer whose next-token distributions the student also
-    # learns; loss = (1 - distill_weight) x cross-entropy + distill_weight x T^2 x KL(teacher_T || student_T).
+    """the run directory to write: config, checkpoints, metrics, plots, samples"""
+    init_from: str | None = None
+    """a run dir or checkpoint whose weights a new run starts from (new data or hyper-parameters, fresh optimizer)"""
     teacher: str | None = None
+    """a trained run with the same tokenizer whose next-token distributions the student also learns (logit distillation); none: off"""
     distill_weight: float = Field(0.5, ge=0, le=1)
+    """loss = (1 - distill_weight) x cross-entropy + distill_weight x T^2 x KL(teacher_T || student_T)"""
     distill_temperature: float = Field(1.0, gt=0)
+    """T, the temperature both distributions are softened with for the distillation loss"""
     batch_size: int = Field(16, ge=1)
+    """sequences per optimizer step (over all processes and grad_accum micro-steps)"""
     grad_accum: int = Field(1, ge=1)
+    """micro-steps each step's batch is split into (less memory, same result)"""
     max_steps: int | None = Field(None, ge=1)
+    """stop after this many steps; none: no step limit"""
     max_tokens: int | None = Field(None, ge=1)
-    max_time: float | None = Field(None, gt=0)  # seconds
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon on the blocks' matrices, AdamW on the rest
+    """stop after this many training tokens; none: no token limit"""
+    max_time: float | None = Field(None, gt=0)
+    """stop after this many seconds of training; none: no time limit"""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw; muon: Muon on the blocks' matrices, AdamW on the rest"""
     muon_momentum: float = Field(0.95, ge=0, lt=1)
-    muon_split: bool = True  # Muon orthogonalises Q, K, V (and gate, up) one by one, not stacked as one matrix
+    """Muon's momentum"""
+    muon_split: bool = True
+    """Muon orthogonalises Q, K, V (and gate, up) one by one, as modded-nanogpt does, not stacked as one matrix"""
     lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-4, ge=0)
+    """the peak learning rate, reached at the end of the warm-up"""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """the learning rate's floor as a fraction of lr, reached on the last step (0.1: lr/10)"""
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """the decay from lr to its floor: cosine, linear, wsd (warm-up, stable, decay) or constant"""
     warmup_steps: int = Field(100, ge=0)
-    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    """steps of linear warm-up from 0 to lr"""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd: the share of the run spent decaying"""
     weight_decay: float = Field(0.1, ge=0)
+    """decoupled weight decay on matrices and embeddings (none on gains and biases)"""
     beta1: float = Field(0.9, ge=0, lt=1)
+    """AdamW's first-moment decay"""
     beta2: float = Field(0.95, ge=0, lt=1)
+    """AdamW's second-moment decay"""
     eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0)  # 0 = off
+    """AdamW's epsilon"""
+    grad_clip: float = Field(1.0, ge=0)
+    """clip the gradients' global norm to this; 0 = off"""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """autocast precision; auto: bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32"""
     compile: bool | Literal["auto"] = "auto"
+    """torch.compile the model; auto: when the run is long enough to pay the compile time back"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    threads: int = Field(0, ge=0)  # 0 = all cores
+    """where to train; auto: cuda, else mps, else cpu"""
+    threads: int = Field(0, ge=0)
+    """CPU threads; 0 = all cores"""
     seed: int = 1337
+    """seed of the initial weights, the batches and dropout"""
     eval_every: int = Field(100, ge=1)
-    eval_batches: int | None = Field(20, ge=1)  # None: the whole validation split
-    early_stop_patience: int = Field(0, ge=0)  # evaluations without improvement; 0 = off
-    sample_every: int = Field(0, ge=0)  # 0 = off
+    """steps between evaluations (each also writes a checkpoint)"""
+    eval_batches: int | None = Field(20, ge=1)
+    """validation batches per evaluation; none: the whole validation split"""
+    early_stop_patience: int = Field(0, ge=0)
+    """stop after this many evaluations without a better validation loss; 0 = off"""
+    sample_every: int = Field(0, ge=0)
+    """steps between samples written to samples.md; 0 = off"""
     sample_prompt: str = ""
+    """the prompt of those samples ("" = from nothing)"""
     sample_tokens: int = Field(64, ge=1)
+    """tokens generated per sample"""
     log_every: int = Field(10, ge=1)
-    keep_last: int = Field(2, ge=1)  # checkpoints kept besides the best
+    """steps between rows of metrics.csv"""
+    keep_last: int = Field(2, ge=1)
+    """checkpoints kept besides the best"""
     log: list[Literal["csv", "tensorboard", "wandb"]] = ["csv"]
-    loader: Literal["random", "sequential"] = "random"  # random windows (nanoGPT) or shuffled epochs
-    peak_flops: float | None = Field(None, gt=0)  # FLOP/s of one process's device that MFU is measured against; None: measured
-    # Processes on this machine; more than 1 runs the training under torchrun (DDP unless `distributed` says
-    # fsdp), the cores shared out between them. Ignored in a process that torchrun started.
+    """where metrics go: csv (metrics.csv), tensorboard, wandb"""
+    loader: Literal["random", "sequential"] = "random"
+    """random windows (nanoGPT) or shuffled epochs of consecutive windows"""
+    peak_flops: float | None = Field(None, gt=0)
+    """FLOP/s of one process's device that MFU is measured against; none: measured (`gptlab bench peak`)"""
     nproc: int = Field(1, ge=1)
-    # Under torchrun (several processes): ddp = a whole model per process, fsdp = each process holds a shard.
+    """processes on this machine; more than 1 launches torchrun (ignored in a process torchrun started)"""
     distributed: Literal["ddp", "fsdp"] = "ddp"
-    dist_timeout: float = Field(600.0, gt=0)  # seconds a process waits for the others before it gives up
+    """how several processes share the model: ddp = a whole model per process, fsdp = each holds a shard"""
+    dist_timeout: float = Field(600.0, gt=0)
+    """seconds a process waits for the others before it gives up"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _absolute_min_lr(cls, data: Any) -> Any:
+        """Configs written before min_lr_ratio set an absolute `min_lr`: read it as the same floor."""
+        if not isinstance(data, dict) or "min_lr" not in data:
+            return data
+        data = dict(data)
+        min_lr = data.pop("min_lr")
+        lr = data.get("lr", cls.model_fields["lr"].default)
+        try:
+            ratio = float(min_lr) / float(lr)
+        except (TypeError, ValueError, ZeroDivisionError):
+            raise ValueError(f"train.min_lr={min_lr!r} with train.lr={lr!r}: write the floor as train.min_lr_ratio "
+                             "(a fraction of lr, e.g. 0.1)") from None
+        if not 0 <= ratio <= 1:
+            raise ValueError(f"train.min_lr={min_lr} is above train.lr={lr}, so the learning rate would rise: "
+                             f"write the floor as train.min_lr_ratio (a fraction of lr, e.g. 0.1)")
+        data["min_lr_ratio"] = ratio
+        return data
 
 
 # --------------------------------------------------------------------------- sample
 
 
 class SampleConfig(Section):
+    """What `gptlab sample` generates (a run's own [sample] section is the starting point)."""
+
     prompts: list[str] = [""]
+    """the prompts ("" = from nothing, after the start token)"""
     max_new_tokens: int = Field(200, ge=1)
-    temperature: float = Field(0.8, ge=0)  # 0 = greedy
+    """tokens generated per sample at most"""
+    temperature: float = Field(0.8, ge=0)
+    """softmax temperature; 0 = greedy"""
     top_k: int | None = Field(None, ge=1)
+    """sample from the k most likely tokens only; none: all"""
     top_p: float = Field(1.0, gt=0, le=1)
+    """sample from the smallest set of tokens whose probabilities add up to p (nucleus); 1 = all"""
     num_samples: int = Field(1, ge=1)
+    """samples per prompt"""
     seed: int = 1337
+    """seed of the sampling"""
     stop_at_eos: bool = True
-    best_of: int = Field(1, ge=1)  # draw N candidates per sample, keep the highest mean log-probability
+    """end a sample at the EOS token"""
+    best_of: int = Field(1, ge=1)
+    """draw N candidates per sample, keep the one with the highest mean log-probability"""
 
 
 # --------------------------------------------------------------------------- eval
@@ -275,20 +442,34 @@ class SampleConfig(Section):
 class EvalConfig(Section):
     """What `gptlab eval RUN` measures (every part optional; by default the run's own validation split)."""
 
-    data: list[str] = []  # text files/folders/globs or prepared data folders; [] = the run's validation split
-    split: str = "val"  # the split scored in a prepared data folder
-    max_tokens: int | None = Field(None, ge=1)  # tokens scored per dataset; None = all of it
-    normalize: bool = True  # apply the run's [text] normalisation to text files, as training did
-    hellaswag: str | None = None  # a HellaSwag JSONL file, or hf:Rowan/hellaswag
-    limit: int | None = Field(None, ge=1)  # HellaSwag items (None = all 10,042)
-    batch_size: int = Field(16, ge=1)  # windows (text) or items (HellaSwag) per forward pass
+    data: list[str] = []
+    """text files, folders, globs, hf:NAME sources or prepared data folders to score; [] = the run's validation split"""
+    split: str = "val"
+    """the split scored in a prepared data folder"""
+    max_tokens: int | None = Field(None, ge=1)
+    """tokens scored per dataset; none: all of it"""
+    normalize: bool = True
+    """apply the run's [text] normalisation to text files, as training did"""
+    hellaswag: str | None = None
+    """a HellaSwag JSONL file (official or preprocessed), or hf:Rowan/hellaswag; none: no HellaSwag"""
+    limit: int | None = Field(None, ge=1)
+    """the first N HellaSwag items; none: all 10,042"""
+    batch_size: int = Field(16, ge=1)
+    """windows (text) or items (HellaSwag) per forward pass"""
     checkpoint: Literal["best", "last"] = "best"
+    """which checkpoint of the run to score"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # fp32: numbers that do not depend on the machine
-    threads: int = Field(0, ge=0)  # 0 = all cores; 1 is faster on a machine busy with other work
-    topk: list[int] = [1, 5, 10]  # teacher-forced top-k accuracy
+    """where to run; auto: cuda, else mps, else cpu"""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """autocast precision; fp32: numbers that do not depend on the machine"""
+    threads: int = Field(0, ge=0)
+    """CPU threads; 0 = all cores (1 is faster on a machine busy with other work)"""
+    topk: list[int] = [1, 5, 10]
+    """k of the teacher-forced top-k accuracy"""
     prompts: list[str] = ["Once upon a time", "One day, a little girl named Lily", "The meaning of life is", ""]
-    sample_tokens: int = Field(64, ge=0)  # tokens generated per prompt; 0 = no samples
+    """the fixed prompts of the report's samples"""
+    sample_tokens: int = Field(64, ge=0)
+    """tokens generated per prompt; 0 = no samples"""
 
 
 # --------------------------------------------------------------------------- root
@@ -299,7 +480,7 @@ class EvalConfig(Section):
 # models of 1-4M parameters; larger models want a lower train.lr.
 PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu-fast": {
-        "train": {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.3, "lr": 1.2e-2, "min_lr": 1.2e-3,
+        "train": {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.3, "lr": 1.2e-2, "min_lr_ratio": 0.1,
                   "warmup_steps": 50},
     },
 }
@@ -311,33 +492,53 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
 class DistillConfig(Section):
     """What `gptlab distill` asks of the teacher (sequence-level knowledge distillation)."""
 
-    tokens: int = Field(100_000, ge=1)  # stop once the teacher has written this many tokens (counted by its tokenizer)
-    batch_size: int = Field(8, ge=1)  # prompts per generation call; the prompts are taken in turn, round and round
+    tokens: int = Field(100_000, ge=1)
+    """stop once the teacher has written this many tokens (counted by its tokenizer)"""
+    batch_size: int = Field(8, ge=1)
+    """prompts per generation call; the prompts are taken in turn, round and round"""
     max_new_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.8, ge=0)  # 0 = greedy
+    """tokens per sample at most"""
+    temperature: float = Field(0.8, ge=0)
+    """softmax temperature; 0 = greedy"""
     top_k: int | None = Field(None, ge=1)
+    """sample from the k most likely tokens only; none: all"""
     top_p: float = Field(0.95, gt=0, le=1)
-    seed: int = 1337  # batch k is drawn with seed + k, so an interrupted run continues as if it had not stopped
-    chat: bool = False  # wrap each prompt in the teacher's chat template and keep only its answer
+    """nucleus sampling: the smallest set of tokens whose probabilities add up to p; 1 = all"""
+    seed: int = 1337
+    """batch k is drawn with seed + k, so an interrupted run continues as if it had not stopped"""
+    chat: bool = False
+    """wrap each prompt in the teacher's chat template and keep only its answer"""
 
 
 class Config(Section):
-    profile: str | None = None  # a set of defaults from PROFILES, e.g. "cpu-fast"; the file and overrides win
+    """The whole pipeline's settings: one section per stage."""
+
+    profile: str | None = None
+    """a named set of defaults, e.g. "cpu-fast", laid under the file's settings and overrides"""
     text: TextConfig = TextConfig()
+    """normalisation"""
     tokenizer: TokenizerConfig = TokenizerConfig()
+    """the tokenizer"""
     data: DataConfig = DataConfig()
+    """the corpus and its shards"""
     model: ModelConfig = ModelConfig()
+    """the architecture"""
     train: TrainConfig = TrainConfig()
+    """training"""
     sample: SampleConfig = SampleConfig()
+    """sampling"""
     eval: EvalConfig = EvalConfig()
+    """evaluation"""
     distill: DistillConfig = DistillConfig()
+    """the teacher's corpus"""
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def parse_override(arg: str) -> tuple[list[str], Any]:
-    """`--a.b=value` -> (['a', 'b'], value); the value is read as a TOML literal, else kept as a string."""
+    """`--a.b=value` -> (['a', 'b'], value); the value is read as a TOML literal, else kept as a string
+    (so `--train.eval_batches=none` gives "none", which a field that may be None reads as None)."""
     if not arg.startswith("--") or "=" not in arg:
         raise GptlabError(f"cannot read override {arg!r}", "write it as --section.key=value, e.g. --tokenizer.vocab_size=4096")
     key, raw = arg[2:].split("=", 1)
@@ -348,9 +549,14 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+Override = str | tuple[str, Any]
+"""`--section.key=value` as typed, or (dotted key, value) as a command-line flag already gave it."""
+
+
+def apply_overrides(raw: dict, overrides: list[Override]) -> dict:
+    """Set each override in `raw`, in order: a later one wins."""
     for arg in overrides:
-        keys, value = parse_override(arg)
+        keys, value = parse_override(arg) if isinstance(arg, str) else (arg[0].split("."), arg[1])
         node = raw
         for k in keys[:-1]:
             node = _child(node, k, arg)
@@ -361,7 +567,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _child(node, key: str, arg: str):
+def _child(node, key: str, arg):
     """Step into a section, or into item N of a list of tables (`--data.sources.0.weight=2`)."""
     if isinstance(node, list):
         return node[_list_index(node, key, arg)]
@@ -371,15 +577,20 @@ def _child(node, key: str, arg: str):
     return child
 
 
-def _list_index(node: list, key: str, arg: str) -> int:
+def _list_index(node: list, key: str, arg) -> int:
     if not key.isdigit() or int(key) >= len(node):
         raise GptlabError(f"override {arg!r}: {key!r} is not an index of a list of {len(node)} items", "count from 0")
     return int(key)
 
 
+def _named(value: Any) -> str | None:
+    """A profile or preset name, None where it is unset or spelled "none"."""
+    return None if not value or (isinstance(value, str) and value.lower() == NONE) else value
+
+
 def _resolve_profile(raw: dict) -> dict:
     """Lay the profile's settings under the config's own: what the file or an override sets wins."""
-    name = raw.get("profile")
+    name = _named(raw.get("profile"))
     if not name:
         return raw
     if name not in PROFILES:
@@ -392,7 +603,7 @@ def _resolve_profile(raw: dict) -> dict:
 
 def _resolve_preset(raw: dict) -> dict:
     model = raw.get("model")
-    if not isinstance(model, dict) or not model.get("preset"):
+    if not isinstance(model, dict) or not _named(model.get("preset")):
         return raw
     name = model["preset"]
     if name not in MODEL_PRESETS:
@@ -437,8 +648,9 @@ def config_from_dict(raw: dict) -> Config:
         raise GptlabError(format_validation_error(err, raw)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML file (or nothing), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[Override] | None = None, base: dict | None = None) -> Config:
+    """Read a TOML file (or nothing), apply overrides in order, validate. `base`, a dict of sections, lies under
+    the file (`gptlab sample` starts from the run's own [sample] section)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -446,26 +658,94 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise GptlabError(f"config file not found: {path}", "check the path given to --config")
         try:
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise GptlabError(f"config file {path} is not valid TOML: {e}") from None
         except UnicodeDecodeError:
             raise GptlabError(f"config file {path} is not UTF-8 text (binary, or another encoding)", "give a TOML file saved as UTF-8") from None
+        except tomllib.TOMLDecodeError as e:
+            raise GptlabError(f"config file {path} is not valid TOML: {e}") from None
+    for section, settings in (base or {}).items():
+        if isinstance(raw.get(section, {}), dict):
+            raw[section] = {**settings, **raw.get(section, {})}
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 
 def config_to_dict(config: BaseModel) -> dict:
-    """A TOML-ready dict: None values dropped (TOML has no null)."""
-    return _drop_none(config.model_dump(mode="json"))
+    """Every field as plain JSON-ready data, None included (see save_config for TOML)."""
+    return config.model_dump(mode="json")
 
 
-def _drop_none(obj):
+def _spell_none(obj):
+    if obj is None:
+        return NONE
     if isinstance(obj, dict):
-        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+        return {k: _spell_none(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_drop_none(v) for v in obj]
+        return [_spell_none(v) for v in obj]
     return obj
 
 
 def save_config(config: BaseModel, path: str | Path) -> None:
-    """Write the resolved config as TOML, atomically."""
-    atomic_write_text(path, tomli_w.dumps(config_to_dict(config)))
+    """Write the resolved config as TOML, atomically; every field is written, None as "none" (TOML has no null),
+    so load_config reads back exactly this config."""
+    atomic_write_text(path, config_to_toml(config))
+
+
+def config_to_toml(config: BaseModel) -> str:
+    """The TOML that save_config writes."""
+    return tomli_w.dumps(_spell_none(config_to_dict(config)))
+
+
+# --------------------------------------------------------------------------- describing the schema
+
+
+def describe_keys(section: str | None = None) -> list[dict]:
+    """Every config key (`section.key`; a list of tables' fields as `section.key[].field`) with its type, default
+    and description, taken from the schema itself: what `gptlab config` lists."""
+    if section is not None and section not in _SECTIONS:
+        raise GptlabError(f"unknown config section {section!r}", f"choose one of: {', '.join(_SECTIONS)}")
+    rows = [] if section else [_row("profile", Config.model_fields["profile"])]
+    for name in [section] if section else list(_SECTIONS):
+        rows += _rows(_SECTIONS[name], name)
+    return rows
+
+
+def _rows(model: type[BaseModel], prefix: str) -> list[dict]:
+    rows = []
+    for name, field in model.model_fields.items():
+        rows.append(_row(f"{prefix}.{name}", field))
+        item = typing.get_args(field.annotation)[0] if typing.get_origin(field.annotation) is list else None
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            rows += _rows(item, f"{prefix}.{name}[]")
+    return rows
+
+
+def _row(key: str, field) -> dict:
+    default = "(required)" if field.is_required() else field.default
+    return {"key": key, "type": _type_name(field.annotation), "default": NONE if default is None else default,
+            "description": field.description or ""}
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return NONE
+    if origin is Literal:
+        return "|".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {name: f.annotation for name, f in Config.model_fields.items()
+                                         if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)}
+
+
+def format_keys(section: str | None = None) -> str:
+    """describe_keys as text: `key  type = default` and the description under it."""
+    rows = describe_keys(section)
+    width = max(len(r["key"]) for r in rows)
+    show = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
+    return "\n".join(f"{r['key']:<{width}}  {r['type']} = {show(r['default'])}\n{'':<{width}}  {r['description']}" for r in rows)

@@ -196,7 +196,7 @@ def _refuse_other_settings(cfg: Config, run_dir: Path, data_dir: Path) -> None:
 def _diff(saved: dict, wanted: dict, prefix: str) -> list[str]:
     out = []
     for key in sorted(set(saved) | set(wanted)):
-        if key in ("out_dir", "workers", "preset") or (prefix == "model" and key == "vocab_size" and key not in wanted):
+        if key in ("out_dir", "workers", "preset") or (prefix == "model" and key == "vocab_size" and wanted.get(key) is None):
             continue  # where it was written, how fast, and the tokenizer-filled vocabulary are not settings
         if saved.get(key) != wanted.get(key):
             out.append(f"{prefix}.{key}")

@@ -746,3 +746,15 @@ def _finished_meta(out_dir: Path, fingerprint: str) -> dict | None:
         return meta
     except (GptlabError, KeyError):
         return None
+
+
+def format_prepared(meta: dict, cfg: Config) -> tuple[str, list[str]]:
+    """What `gptlab data prepare` reports: one summary line, and a warning per split too short to train on."""
+    parts = [f"{name} {split['tokens']:,} tokens / {split['documents']:,} documents in {len(split['shards'])} shard(s)"
+             for name, split in meta["splits"].items() if split["tokens"]]
+    summary = f"{cfg.data.out_dir}: {'; '.join(parts)}; {meta['splits']['train']['bytes_per_token']} bytes/token, {meta['dtype']}"
+    window = cfg.model.context_length + 1
+    warnings = [f"split {name} has {split['tokens']:,} tokens, fewer than one window of {window} (model.context_length + 1): "
+                "training will refuse it; add data or lower model.context_length"
+                for name, split in meta["splits"].items() if 0 < split["tokens"] < window]
+    return summary, warnings

@@ -12,7 +12,7 @@
 
 from gptlab.evaluate.compare import compare_runs, plot_run, read_metrics, run_summary
 from gptlab.evaluate.hellaswag import HellaSwagItem, load_hellaswag, score_hellaswag
-from gptlab.evaluate.report import evaluate_run, format_report
+from gptlab.evaluate.report import evaluate_run, format_report, format_summary
 from gptlab.evaluate.scoring import StreamScore, score_stream
 from gptlab.evaluate.texts import (
     evaluate_data,
@@ -31,6 +31,7 @@ __all__ = [
     "evaluate_split",
     "evaluate_text",
     "format_report",
+    "format_summary",
     "load_hellaswag",
     "plot_run",
     "read_metrics",

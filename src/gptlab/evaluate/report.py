@@ -161,3 +161,17 @@ def format_report(report: dict) -> str:
         for s in report["samples"]:
             lines += [f"**{json.dumps(s['prompt'], ensure_ascii=False)}**", "", "```text", s["prompt"] + s["text"], "```", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def format_summary(report: dict) -> str:
+    """The lines `gptlab eval` prints: one per dataset, HellaSwag, where the report went."""
+    lines = []
+    for d in report["datasets"]:
+        bpb = f"{d['bpb']:.4f} bits/byte, " if d["bpb"] is not None else ""
+        lines.append(f"{d['name']}: {bpb}loss {d['loss']:.4f}, perplexity {d['perplexity']:.2f}, "
+                     + ", ".join(f"top-{k} {100 * v:.1f}%" for k, v in d["topk"].items()) + f" ({d['tokens']:,} tokens)")
+    if "hellaswag" in report:
+        h = report["hellaswag"]
+        lines.append(f"HellaSwag ({h['items']:,} items): acc {100 * h['acc']:.1f}%, acc_norm {100 * h['acc_norm']:.1f}% "
+                     f"({h['items_per_s']} items/s)")
+    return "\n".join([*lines, f"report: {report['run']}/eval.md, {report['run']}/eval.json"])

@@ -150,3 +150,10 @@ def _fetch_hf(spec: KnownDataset, out: Path, limit: int | None) -> None:
             bar.update(size)
             if limit and written >= limit:
                 break
+
+
+def format_datasets() -> str:
+    """The table `gptlab data download --list` prints."""
+    rows = list_datasets()
+    width = max(len(r["name"]) for r in rows)
+    return "\n".join(f"{r['name'].ljust(width)}  {r['size']:>8}  {r['description']}" for r in rows)

@@ -20,8 +20,10 @@ from gptlab.tokenizer.char import CharTokenizer
 from gptlab.tokenizer.io import (
     KINDS,
     load_tokenizer,
+    planned_vocab_size,
     tokenizer_from_json,
     train_tokenizer,
+    train_tokenizer_from_config,
 )
 from gptlab.tokenizer.spm import SentencePieceTokenizer
 
@@ -35,6 +37,8 @@ __all__ = [
     "SpecialTokens",
     "Tokenizer",
     "load_tokenizer",
+    "planned_vocab_size",
     "tokenizer_from_json",
     "train_tokenizer",
+    "train_tokenizer_from_config",
 ]

@@ -71,6 +71,11 @@ class Tokenizer:
 
     kind: str = ""
 
+    @classmethod
+    def planned_vocab_size(cls, cfg: TokenizerConfig) -> int:
+        """The vocabulary a tokenizer of `cfg` will have, known before it is trained (a model is sized with it)."""
+        return cfg.vocab_size
+
     def __init__(self, specials: SpecialTokens):
         self.specials = specials
 

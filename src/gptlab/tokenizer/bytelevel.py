@@ -32,6 +32,7 @@ from gptlab.tokenizer.base import (
 # GPT-2's pre-tokenisation regex, as tiktoken spells it; `tokenizers`' ByteLevel(use_regex=True) uses the same.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 GPT2_EOT = "<|endoftext|>"
+GPT2_VOCAB_SIZE = 50257  # GPT-2's encoder.json, <|endoftext|> included
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -169,6 +170,10 @@ class GPT2Tokenizer(ByteLevelBPETokenizer):
     """GPT-2's pretrained encoding (50,257 tokens, <|endoftext|> = 50256), read from local files."""
 
     kind = "gpt2"
+
+    @classmethod
+    def planned_vocab_size(cls, cfg: TokenizerConfig) -> int:
+        return GPT2_VOCAB_SIZE + len(set(SpecialTokens.from_config(cfg).all()) - {GPT2_EOT})
 
     @classmethod
     def train(cls, documents, cfg: TokenizerConfig) -> "GPT2Tokenizer":

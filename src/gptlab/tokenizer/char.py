@@ -30,6 +30,10 @@ HF_UNK = "<unk>"  # required by HF's WordLevel; absent from the vocabulary, so H
 class CharTokenizer(Tokenizer):
     kind = "char"
 
+    @classmethod
+    def planned_vocab_size(cls, cfg: TokenizerConfig) -> int:
+        raise GptlabError("a character tokenizer's vocabulary depends on the corpus", "pass --model.vocab_size=N")
+
     def __init__(self, chars: list[str], specials: SpecialTokens):
         super().__init__(specials)
         if any(len(c) != 1 for c in chars) or list(chars) != sorted(set(chars)):

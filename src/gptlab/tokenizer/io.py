@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from gptlab.config import TokenizerConfig
+from gptlab.config import Config, TokenizerConfig
 from gptlab.errors import GptlabError
 from gptlab.tokenizer.base import FILE_FORMAT, FILE_VERSION, Tokenizer
 from gptlab.tokenizer.bytelevel import ByteLevelBPETokenizer, GPT2Tokenizer
@@ -24,6 +24,20 @@ KINDS: dict[str, type[Tokenizer]] = {
 def train_tokenizer(documents: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """Learn a vocabulary from `documents` (at most cfg.train_max_bytes of them); gpt2 just reads its files."""
     return KINDS[cfg.kind].train(documents, cfg)
+
+
+def train_tokenizer_from_config(cfg: Config) -> Tokenizer:
+    """Train cfg.tokenizer on cfg.data.sources, read and normalised as the data stage reads them."""
+    from gptlab.text import iter_documents
+
+    if cfg.tokenizer.kind != "gpt2" and not cfg.data.sources:  # gpt2 is pretrained: nothing to read
+        raise GptlabError("no corpus to train the tokenizer on", "give --data PATH or set data.sources in the config")
+    return train_tokenizer((doc for _, doc in iter_documents(cfg.data.sources, cfg.text)), cfg.tokenizer)
+
+
+def planned_vocab_size(cfg: TokenizerConfig) -> int:
+    """The vocabulary a tokenizer of `cfg` will have, before it is trained (`gptlab model info` sizes a model with it)."""
+    return KINDS[cfg.kind].planned_vocab_size(cfg)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

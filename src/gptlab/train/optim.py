@@ -126,16 +126,18 @@ class Optimizers:
 
 
 def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
-    """The learning rate for `step` (0-based) when a fraction `progress` of the run's budget is spent.
+    """The learning rate for `step` (0-based), where `progress` is the fraction of the run's budget spent once
+    this step is done (the largest of steps, tokens and time over their limits; 1 on the last step).
 
-    The warm-up counts steps; the decay follows `progress` (the largest of
-    steps, tokens and time spent over their limits), so a run limited by time
-    decays on time. The decay shape starts at progress 0, not at the end of the
-    warm-up as in nanoGPT; with a warm-up of a few percent of the run the two
-    differ by less than that.
+    A linear warm-up over cfg.warmup_steps, then the schedule's decay from lr to its floor, lr x min_lr_ratio,
+    which the last step of a run limited by steps or tokens reaches exactly (a run limited by time ends
+    within a step of it). The floor is a fraction of the peak, so the rate never rises. The decay shape
+    starts at progress 0, not at the end of the warm-up as in nanoGPT; with a warm-up of a few percent of
+    the run the two differ by less than that.
     """
     warmup = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    return warmup * (cfg.min_lr + (cfg.lr - cfg.min_lr) * DECAY[cfg.schedule](cfg, min(max(progress, 0.0), 1.0)))
+    decay = DECAY[cfg.schedule](cfg, min(max(progress, 0.0), 1.0))
+    return cfg.lr * warmup * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay)
 
 
 def _cosine(cfg: TrainConfig, p: float) -> float:
@@ -147,7 +149,7 @@ def _linear(cfg: TrainConfig, p: float) -> float:
 
 
 def _warmup_stable_decay(cfg: TrainConfig, p: float) -> float:
-    """Flat at the peak, then linear to min_lr over the last decay_fraction of the run."""
+    """Flat at the peak, then linear to the floor over the last decay_fraction of the run."""
     return min(1.0, (1.0 - p) / cfg.decay_fraction)
 
 
@@ -155,5 +157,5 @@ def _constant(cfg: TrainConfig, p: float) -> float:
     return 1.0
 
 
-# Each maps progress in [0, 1] to a weight in [0, 1] between min_lr (0) and lr (1).
+# Each maps progress in [0, 1] to a weight in [0, 1] between the floor (0) and lr (1).
 DECAY = {"cosine": _cosine, "linear": _linear, "wsd": _warmup_stable_decay, "constant": _constant}

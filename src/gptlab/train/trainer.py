@@ -307,9 +307,11 @@ class Trainer:
         return next((name for name, reached in limits.items() if reached), None)
 
     def _progress(self, elapsed: float) -> float:
-        """The fraction of the budget spent: the largest over the limits that are set."""
+        """The fraction of the budget spent once the coming step is done (so the last step trains at the
+        schedule's floor): the largest over the limits that are set."""
         t = self.cfg.train
-        return max(self.step / t.max_steps if t.max_steps else 0.0, self.tokens / t.max_tokens if t.max_tokens else 0.0,
+        return max((self.step + 1) / t.max_steps if t.max_steps else 0.0,
+                   (self.tokens + self.tokens_per_step) / t.max_tokens if t.max_tokens else 0.0,
                    elapsed / t.max_time if t.max_time else 0.0)
 
     def _planned_steps(self) -> int | None:
