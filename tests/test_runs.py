@@ -47,6 +47,9 @@ def test_the_config_holds_absolute_paths_and_reads_them_back_where_the_run_is(tr
     assert cfg.train.data_dir == str(data) and cfg.train.run_dir == str(run)
     # An override's path is as given; a path whose target did not travel with the run is kept as written.
     assert load_run_config(run, ["--train.data_dir='mine'"]).train.data_dir == "mine"
+    # ... in either spelling: as typed, or as a command-line flag gave it (train --resume RUN --run-dir ...)
+    both = load_run_config(run, [("train.data_dir", "flag"), "--train.max_steps=20"])
+    assert both.train.data_dir == "flag" and both.train.max_steps == 20
     shutil.rmtree(data)
     assert load_run_config(run).train.data_dir == str(trained_at / "data")
 

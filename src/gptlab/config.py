@@ -553,10 +553,15 @@ Override = str | tuple[str, Any]
 """`--section.key=value` as typed, or (dotted key, value) as a command-line flag already gave it."""
 
 
+def read_override(arg: Override) -> tuple[list[str], Any]:
+    """(keys, value) of either spelling of an override."""
+    return parse_override(arg) if isinstance(arg, str) else (arg[0].split("."), arg[1])
+
+
 def apply_overrides(raw: dict, overrides: list[Override]) -> dict:
     """Set each override in `raw`, in order: a later one wins."""
     for arg in overrides:
-        keys, value = parse_override(arg) if isinstance(arg, str) else (arg[0].split("."), arg[1])
+        keys, value = read_override(arg)
         node = raw
         for k in keys[:-1]:
             node = _child(node, k, arg)

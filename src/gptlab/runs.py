@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from gptlab.config import Config, ModelConfig, load_config, parse_override, save_config
+from gptlab.config import Config, ModelConfig, Override, load_config, read_override, save_config
 from gptlab.errors import GptlabError
 
 CHECKPOINTS = "checkpoints"
@@ -89,7 +89,7 @@ def _exists(path: str) -> bool:
     return os.path.exists(path) or (any(c in path for c in "*?[") and bool(glob.glob(path, recursive=True)))
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+def load_run_config(run_dir: str | Path, overrides: list[Override] | None = None) -> Config:
     """The config a run was trained with, its paths found again wherever the run is now (module docstring);
     train.run_dir = run_dir. Overrides (dotted, as on the command line) apply on top, their paths as given."""
     run = Path(run_dir)
@@ -98,7 +98,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
     overrides = overrides or []
     cfg = load_config(run / CONFIG, overrides)
     written_at = os.path.expanduser(cfg.train.run_dir)
-    overridden = [tuple(parse_override(arg)[0]) for arg in overrides]
+    overridden = [tuple(read_override(arg)[0]) for arg in overrides]
 
     def find(path: str) -> str:
         path = os.path.expanduser(path)

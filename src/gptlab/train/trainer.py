@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 import gptlab
 from gptlab import runs
-from gptlab.config import Config, config_to_dict
+from gptlab.config import Config, Override, config_to_dict
 from gptlab.device import DTYPES, cpu_count, peak_flops, pick_precision, set_threads
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json, make_dirs
@@ -98,7 +98,7 @@ def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] |
         torch.set_num_threads(threads)  # train.threads applies to the run, not to the rest of the process
 
 
-def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+def resume_config(run_dir: str | Path, overrides: list[Override] | None = None) -> Config:
     """The config a run was trained with (its config.toml), with dotted overrides such as a larger max_steps."""
     run = Path(run_dir)
     if not run.is_dir():
