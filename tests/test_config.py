@@ -185,7 +185,8 @@ NAMED = {(ModelConfig, "preset"): st.none() | st.sampled_from(sorted(MODEL_PRESE
 
 
 def _section_values(section: type[BaseModel], required: dict | None = None) -> st.SearchStrategy:
-    fields = {name: NAMED.get((section, name)) or _strategy(f.annotation, f.metadata) for name, f in section.model_fields.items()}
+    fields = {name: NAMED[section, name] if (section, name) in NAMED else _strategy(f.annotation, f.metadata)
+              for name, f in section.model_fields.items()}
     required = required or {}
     return st.fixed_dictionaries({k: st.just(v) for k, v in required.items()},
                                  optional={k: v for k, v in fields.items() if k not in required})
