@@ -75,9 +75,6 @@ class Dist:
     def agree(self, *values: float) -> list[float]:
         return [float(v) for v in values]
 
-    def from_main(self, value):
-        return value
-
     def on_main(self, compute: Callable[[], Any]):
         """compute() run on rank 0 only, its result on every rank (a measurement all must go by)."""
         return compute()
@@ -85,9 +82,6 @@ class Dist:
     def gather(self, value) -> list:
         """Every rank's value, in rank order, on every rank."""
         return [value]
-
-    def barrier(self) -> None:
-        pass
 
     def check(self, cfg: TrainConfig, precision: str) -> None:
         pass
@@ -114,9 +108,6 @@ class Group(Dist):
     def agree(self, *values: float) -> list[float]:
         return agree(*values)
 
-    def from_main(self, value):
-        return from_main(value)
-
     def on_main(self, compute: Callable[[], Any]):
         return from_main(compute() if self.main else None)
 
@@ -124,9 +115,6 @@ class Group(Dist):
         box = [None] * self.world_size
         dist.all_gather_object(box, value, group=self.checkpoint_group)  # gloo: CPU objects, even under NCCL
         return box
-
-    def barrier(self) -> None:
-        dist.barrier()
 
     def check(self, cfg: TrainConfig, precision: str) -> None:
         check_config(cfg, self.world_size, precision)
@@ -137,7 +125,7 @@ class Group(Dist):
     def pick_compile(self, requested, planned_seconds: float | None) -> bool:
         if self.device.type == "cpu" and requested == "auto":
             return False  # torch.compile under gloo buys little on a CPU for its warm-up
-        return self.from_main(super().pick_compile(requested, planned_seconds))  # rank 0 decides for all
+        return from_main(super().pick_compile(requested, planned_seconds))  # rank 0 decides for all
 
     def whole_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module | None:
         """Under FSDP, the weights are gathered into a copy that `rebuild()` makes on rank 0."""

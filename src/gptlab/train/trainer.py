@@ -401,6 +401,7 @@ def _last(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if r.get(key) not in ("", None)]
     return float(values[-1]) if values else None
 
+
 def _duration(seconds: float) -> str:
     seconds = max(seconds, 0)
     if seconds < 120:
