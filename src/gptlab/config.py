@@ -68,6 +68,8 @@ class SourceConfig(Section):
     """how to read it; auto: from the hf: prefix or the files' extensions"""
     text_field: str = "text"
     """the jsonl/json/parquet column or Hugging Face dataset field that holds the text"""
+    kind: Literal["auto", "text", "chat"] = "auto"
+    """text: documents; chat: conversations (messages, ShareGPT, Alpaca or prompt/completion records) for fine-tuning; auto: chat when the first record is a conversation"""
     label: str | None = None
     """the name shown in meta.json and `data inspect`; none: the path"""
     documents: Literal["auto", "separator", "blank_lines", "file", "record", "line"] = "auto"

@@ -23,12 +23,14 @@ __all__ = [
     "prepare_data",
     "read_shard",
     "token_dtype",
+    "training_loader",
     "write_shard",
 ]
 
 _LAZY = {
     "BatchLoader": "gptlab.data.loader",
     "iter_eval_batches": "gptlab.data.loader",
+    "training_loader": "gptlab.data.loader",
     "prepare_data": "gptlab.data.prepare",
     "inspect_data": "gptlab.data.inspect",
 }

@@ -13,6 +13,7 @@ windows as one with world_size=1, batch_size=16.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from bisect import bisect_right
 from typing import Iterator, Literal
 
@@ -167,6 +168,15 @@ class BatchLoader:
         self.step = int(state["step"])
 
 
+def training_loader(data_dir: str | os.PathLike, **settings) -> "BatchLoader":
+    """The loader for a prepared folder: BatchLoader for text, ConversationLoader (packed whole conversations,
+    targets only on what the assistant says) for conversations; both take BatchLoader's settings."""
+    from gptlab.data.conversations import ConversationLoader, is_chat_data
+    from gptlab.data.meta import load_meta
+
+    return (ConversationLoader if is_chat_data(load_meta(data_dir)) else BatchLoader)(data_dir, **settings)
+
+
 def iter_eval_batches(
     data_dir: str | os.PathLike,
     split: str = "val",
@@ -182,7 +192,14 @@ def iter_eval_batches(
     target exactly once; the tail of fewer than T tokens is not scored. The
     last batch may have fewer rows. With world_size > 1, rank r takes batches
     r, r + world_size, ... so the ranks together cover the split once.
+    Conversations are packed whole into rows, in order; their targets are the assistant's tokens.
     """
+    from gptlab.data.conversations import is_chat_data, iter_conversation_batches
+    from gptlab.data.meta import META_FILE, load_meta
+
+    if (Path(data_dir) / META_FILE).exists() and is_chat_data(load_meta(data_dir)):
+        yield from iter_conversation_batches(data_dir, split, batch_size, seq_len, max_batches, rank, world_size)
+        return
     tokens = TokenSplit(data_dir, split)
     tokens.require_window(seq_len)
     starts = np.arange((len(tokens) - 1) // seq_len, dtype=np.int64) * seq_len

@@ -66,6 +66,7 @@ from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_bytes, atomic_write_json, check_folder_path, make_dirs
 from gptlab.text import (
     Normalizer,
+    is_conversation_source,
     iter_source_documents,
     resolve_source_files,
     source_format,
@@ -722,8 +723,17 @@ def prepare_data(cfg: Config, tokenizer_path: str | os.PathLike, force: bool = F
                 f"data.add_{role} is set but the tokenizer {tokenizer_path} has no {role.upper()} token",
                 f"train the tokenizer with tokenizer.{role}_token set, or pass --data.add_{role}=false",
             )
+    chat = [is_conversation_source(s) for s in data.sources + data.val_sources]
+    if any(chat) and not all(chat):
+        raise GptlabError("data.sources mixes text and conversations",
+                          "prepare them into two folders: text for pretraining, conversations for gptlab sft")
     job = Preparation(cfg, tokenizer_path, tokenizer, progress)
     check_folder_path(job.out_dir)  # before the sources are read
+    if all(chat):
+        from gptlab.data.conversations import prepare_conversations
+
+        done = None if force else _finished_meta(job.out_dir, job.fingerprint)
+        return done or prepare_conversations(cfg, tokenizer_path, job.fingerprint, progress)
     if not force:
         done = _finished_meta(job.out_dir, job.fingerprint)
         if done is not None:

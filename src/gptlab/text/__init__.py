@@ -1,5 +1,6 @@
 """The text stage: read corpora as documents, normalise them, download known datasets."""
 
+from gptlab.text.conversations import Conversation, is_conversation_source, iter_conversations, read_conversations
 from gptlab.text.download import KNOWN_DATASETS, download_dataset, list_datasets
 from gptlab.text.normalize import Normalizer
 from gptlab.text.sources import (
@@ -11,6 +12,10 @@ from gptlab.text.sources import (
 )
 
 __all__ = [
+    "Conversation",
+    "is_conversation_source",
+    "iter_conversations",
+    "read_conversations",
     "KNOWN_DATASETS",
     "Normalizer",
     "download_dataset",

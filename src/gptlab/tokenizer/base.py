@@ -78,6 +78,8 @@ class Tokenizer:
 
     def __init__(self, specials: SpecialTokens):
         self.specials = specials
+        # The Jinja chat template (tokenizer/chat.py) of a tokenizer that holds the chat tokens; None: a base model's.
+        self.chat_template: str | None = None
 
     # ------------------------------------------------------------------ what each kind implements
 
@@ -135,7 +137,8 @@ class Tokenizer:
         return self._decode(ids)
 
     def meta(self) -> dict:
-        return {"format": FILE_FORMAT, "version": FILE_VERSION, "kind": self.kind, **self.specials.to_meta()}
+        meta = {"format": FILE_FORMAT, "version": FILE_VERSION, "kind": self.kind, **self.specials.to_meta()}
+        return meta if self.chat_template is None else {**meta, "chat_template": self.chat_template}
 
     def to_json(self) -> str:
         return json.dumps(self.to_file_dict(), ensure_ascii=False)
@@ -147,6 +150,8 @@ class Tokenizer:
     def checksum(self) -> str:
         """sha256 of the vocabulary, merges/scores and special roles: equal iff two tokenizers encode alike."""
         identity = {"kind": self.kind, "specials": self.specials.to_meta(), **self._identity()}
+        if self.chat_template is not None:  # only then: the checksums of tokenizers without one stay as they were
+            identity["chat_template"] = self.chat_template
         canonical = json.dumps(identity, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

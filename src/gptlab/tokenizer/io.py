@@ -72,7 +72,9 @@ def tokenizer_from_json(text: str, source: str = "<string>") -> Tokenizer:
             "upgrade gptlab or re-train the tokenizer",
         )
     try:
-        return KINDS[meta["kind"]].from_file_dict(d, meta)
+        tokenizer = KINDS[meta["kind"]].from_file_dict(d, meta)
+        tokenizer.chat_template = meta.get("chat_template")
+        return tokenizer
     except Exception as e:  # whatever a damaged file trips over inside the libraries
         raise GptlabError(f"tokenizer file {source} is corrupt ({type(e).__name__}: {e})", "re-train it or copy it again") from None
 

@@ -111,7 +111,7 @@ class Trainer:
     a config (checks first), and the loop that drives them (run)."""
 
     def __init__(self, cfg: Config, resume: bool, verbose: bool, dist: distributed.Dist):
-        from gptlab.data import BatchLoader, check_tokenizer, load_meta
+        from gptlab.data import check_tokenizer, load_meta, training_loader
         from gptlab.model import build_model
         from gptlab.tokenizer import load_tokenizer
 
@@ -149,7 +149,7 @@ class Trainer:
         self.wrapped = dist.wrap(self.model, self.precision)
         self.optimizer = build_optimizer(self.model, t, self.device)
         # Each rank draws its slice of every global batch of t.batch_size rows.
-        self.loader = BatchLoader(self.data_dir, "train", batch_size=t.batch_size // dist.world_size,
+        self.loader = training_loader(self.data_dir, split="train", batch_size=t.batch_size // dist.world_size,
                                   seq_len=cfg.model.context_length, seed=t.seed, mode=t.loader,
                                   rank=dist.rank, world_size=dist.world_size)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length

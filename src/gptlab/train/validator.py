@@ -57,9 +57,10 @@ class Validator:
         for x, y in self.batches():
             with autocast(device, self.precision):
                 _, loss = self.model(x.to(device), None if y is None else y.to(device))
-            if y is not None:
-                total += loss.float() * y.numel()
-                count += y.numel()
+            if y is not None:  # the loss is the mean over the targets kept (conversations: the assistant's tokens)
+                kept = int((y != -1).sum())
+                total += loss.float() * kept
+                count += kept
         self.model.train()
         loss_sum, count = self.dist.sum_(torch.tensor([total.item(), count], dtype=torch.float64)).tolist()
         loss = loss_sum / count
