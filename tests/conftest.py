@@ -209,3 +209,37 @@ def make_export_run(tmp_path_factory, tiny_tokenizer, tiny_shards):
         return run
 
     return make
+
+
+# --- chat fixtures (chat stage) ---
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory) -> Path:
+    """30 tiny conversations (helpers.chat_records) as JSON lines."""
+    from helpers import chat_records, write_jsonl
+
+    return Path(write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", chat_records()))
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tmp_path_factory, tiny_tokenizer) -> Path:
+    """tiny_tokenizer with the chat tokens added (ids after its last one)."""
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.tokenizer.chat import with_chat_tokens
+
+    path = tmp_path_factory.mktemp("chat_tokenizer") / "tokenizer.json"
+    with_chat_tokens(load_tokenizer(tiny_tokenizer)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_shards(tmp_path_factory, chat_file, chat_tokenizer) -> Path:
+    """chat_file prepared with chat_tokenizer: 27 training and 3 validation conversations with their loss masks."""
+    from gptlab.config import load_config
+    from gptlab.data import prepare_data
+
+    out = tmp_path_factory.mktemp("chat_shards")
+    cfg = load_config(None, [f"--data.out_dir={str(out)!r}", ("data.sources", [{"path": str(chat_file)}]), "--data.workers=1"])
+    prepare_data(cfg, chat_tokenizer)
+    return out

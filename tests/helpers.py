@@ -83,3 +83,23 @@ def garbage_file(path) -> None:
 
     size = max(64, path.stat().st_size if path.exists() else 0)
     path.write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(size)))
+
+
+def chat_records(n: int = 30) -> list[dict]:
+    """n small conversations in the three record shapes (messages with a system turn, Alpaca, prompt/completion),
+    built from TINY_STORIES: each asks for a story with a name and words that its answer holds."""
+    records = []
+    for i in range(n):
+        story = TINY_STORIES[i % len(TINY_STORIES)]
+        words = [w.strip('.,!"') for w in story.split() if len(w) > 3][:2]
+        ask = f"Write a story that uses the words {', '.join(words)}. ({i})"
+        shape = i % 3
+        if shape == 0:
+            records.append({"messages": [{"role": "system", "content": "You tell short stories."},
+                                         {"role": "user", "content": ask}, {"role": "assistant", "content": story}],
+                            "constraints": {"words": words}})
+        elif shape == 1:
+            records.append({"instruction": ask, "input": "", "output": story, "constraints": {"words": words}})
+        else:
+            records.append({"prompt": ask, "completion": story, "constraints": {"words": words}})
+    return records
