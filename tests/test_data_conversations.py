@@ -12,7 +12,8 @@ from helpers import chat_records, write_jsonl
 
 from gptlab.config import load_config
 from gptlab.data import iter_eval_batches, load_meta, prepare_data, training_loader
-from gptlab.data.conversations import ConversationSplit, chat_file
+from gptlab.data.conversations import ConversationSplit
+from gptlab.data.conversations import chat_file as mask_file
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import load_tokenizer
 from gptlab.tokenizer.chat import ChatFormat
@@ -122,4 +123,4 @@ def test_data_prepare_takes_conversations_from_the_command_line(tmp_path, chat_f
                            str(chat_tokenizer), "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "meta.json").read_text())["kind"] == "chat"
-    assert chat_file(out, "train").is_file() and chat_file(out, "val").is_file()
+    assert mask_file(out, "train").is_file() and mask_file(out, "val").is_file()

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from gptlab.text import Normalizer
 from gptlab.text.conversations import Conversation, iter_conversations
 from gptlab.tokenizer import load_tokenizer
 from gptlab.tokenizer.chat import ChatFormat
+
+if TYPE_CHECKING:
+    import torch  # the loader imports it when it makes a batch: preparing data never pays for it
 
 SPLITS = ("train", "val")
 KIND = "chat"
