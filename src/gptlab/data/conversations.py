@@ -36,7 +36,7 @@ from gptlab.data.meta import META_FILE
 from gptlab.data.shards import make_header, token_dtype, write_shard
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write, atomic_write_bytes, atomic_write_json, check_folder_path, make_dirs
-from gptlab.text import Normalizer
+from gptlab.text import Normalizer, source_label
 from gptlab.text.conversations import Conversation, iter_conversations
 from gptlab.tokenizer import load_tokenizer
 from gptlab.tokenizer.chat import ChatFormat
@@ -66,10 +66,11 @@ def prepare_conversations(cfg: Config, tokenizer_path: Path, fingerprint: str, p
     chat = ChatFormat.of(tokenizer, f"the tokenizer {tokenizer_path}")
     check_folder_path(out_dir)
     normalize = Normalizer(cfg.text)
-    train = [c for s in data.sources for c in _normalized(iter_conversations(s), normalize) for _ in range(s.weight)]
-    if data.val_sources:
-        val = [c for s in data.val_sources for c in _normalized(iter_conversations(s), normalize)]
-    else:
+    sources = data.sources + data.val_sources
+    read = [list(_normalized(iter_conversations(s), normalize, i)) for i, s in enumerate(sources)]
+    train = [c for i, s in enumerate(data.sources) for c in read[i] for _ in range(s.weight)]
+    val = [c for conversations in read[len(data.sources):] for c in conversations]
+    if not data.val_sources:
         train, val = split_by_conversation(train, data.val_fraction, data.seed)
         if data.val_fraction and not val:
             raise GptlabError(f"one conversation is too few to hold {data.val_fraction:.0%} out for validation",
@@ -77,9 +78,9 @@ def prepare_conversations(cfg: Config, tokenizer_path: Path, fingerprint: str, p
     make_dirs(out_dir)
     (out_dir / META_FILE).unlink(missing_ok=True)  # the folder is not usable until meta.json is written again
     dtype = token_dtype(tokenizer.vocab_size)
-    splits = {}
+    splits, per_source = {}, [{split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS} for _ in sources]
     for split, conversations in (("train", train), ("val", val)):
-        splits[split] = _write_split(out_dir, split, conversations, chat, dtype)
+        splits[split] = _write_split(out_dir, split, conversations, chat, dtype, per_source)
         if progress:
             print(f"{split}: {splits[split]['documents']:,} conversations, {splits[split]['tokens']:,} tokens, "
                   f"{splits[split]['targets']:,} of them assistant tokens to learn")
@@ -100,16 +101,17 @@ def prepare_conversations(cfg: Config, tokenizer_path: Path, fingerprint: str, p
         "add_bos": False, "add_eos": False,
         "val_fraction": 0.0 if data.val_sources else data.val_fraction, "seed": data.seed,
         "splits": splits,
-        "sources": [{"path": s.path, "role": role, "weight": s.weight}
-                    for role, sources in (("train", data.sources), ("val", data.val_sources)) for s in sources],
+        "sources": [{"label": source_label(s), "path": s.path, "role": "train" if i < len(data.sources) else "val",
+                     "weight": s.weight if i < len(data.sources) else 1, **per_source[i]} for i, s in enumerate(sources)],
     }
     atomic_write_json(out_dir / META_FILE, meta)
     return meta
 
 
-def _normalized(conversations: Iterator[Conversation], normalize: Normalizer) -> Iterator[Conversation]:
+def _normalized(conversations: Iterator[Conversation], normalize: Normalizer, source: int) -> Iterator[Conversation]:
     for c in conversations:
         c.messages = [{**m, "content": normalize(m["content"])} for m in c.messages]
+        c.extra["source"] = source  # (kept in memory only: which source's counts it adds to)
         yield c
 
 
@@ -126,14 +128,20 @@ def split_by_conversation(conversations: list[Conversation], fraction: float, se
             [c for i, c in enumerate(conversations) if i in val_ids])
 
 
-def _write_split(out_dir: Path, split: str, conversations: list[Conversation], chat: ChatFormat, dtype) -> dict:
+def _write_split(out_dir: Path, split: str, conversations: list[Conversation], chat: ChatFormat, dtype,
+                 per_source: list[dict]) -> dict:
     ids, masks, starts, target_bytes = [], [], [0], 0
     for c in conversations:
         tokens, mask = chat.render(c.messages)
         ids.append(tokens)
         masks.append(mask)
         starts.append(starts[-1] + len(tokens))
-        target_bytes += sum(len(m["content"].encode("utf-8")) for m in c.messages if m["role"] == "assistant")
+        learnt_bytes = sum(len(m["content"].encode("utf-8")) for m in c.messages if m["role"] == "assistant")
+        target_bytes += learnt_bytes
+        counts = per_source[c.extra["source"]][split]
+        counts["documents"] += 1
+        counts["tokens"] += len(tokens)
+        counts["bytes"] += learnt_bytes
     tokens = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=starts[-1])
     mask = np.fromiter((m for row in masks for m in row), dtype=np.uint8, count=starts[-1])
     shard = write_shard(out_dir / f"{split}_000000.bin", tokens, dtype)

@@ -53,8 +53,10 @@ def inspect_data(
         "data_dir": str(data_dir),
         "tokenizer": {k: meta["tokenizer"][k] for k in ("kind", "vocab_size", "checksum")},
         "dtype": meta["dtype"],
+        "kind": meta.get("kind", "text"),
         "splits": {
-            name: {k: s[k] for k in ("tokens", "documents", "bytes", "bytes_per_token")} | {"shards": len(s["shards"])}
+            name: {k: s[k] for k in ("tokens", "documents", "bytes", "bytes_per_token", "targets") if k in s}
+            | {"shards": len(s["shards"])}
             for name, s in meta["splits"].items()
         },
         "sources": meta["sources"],
@@ -81,6 +83,10 @@ def format_report(report: dict) -> str:
         for name, s in report["splits"].items()
     ]
     out += [_table(["split", "tokens", "documents", "bytes", "bytes/token", "shards"], rows, right={1, 2, 3, 4, 5}), ""]
+    if report.get("kind") == "chat":
+        out += ["conversations: documents are conversations; bytes are what the assistant says, and the model learns "
+                + ", ".join(f"{s['targets']:,} of the {s['tokens']:,} {name} tokens" for name, s in report["splits"].items())
+                + " (the assistant's, each turn's <|end|> included)", ""]
     rows = [
         [s["label"], s["role"], s["weight"], s["train"]["tokens"], s["val"]["tokens"], s["train"]["documents"] + s["val"]["documents"]]
         for s in report["sources"]
