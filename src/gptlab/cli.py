@@ -45,6 +45,8 @@ ALIASES: dict[str, dict[str, str]] = {
     "sample": {"--prompt -p": "sample.prompts", "--max-new-tokens -n": "sample.max_new_tokens",
                "--temperature -t": "sample.temperature", "--top-k": "sample.top_k", "--top-p": "sample.top_p",
                "--num-samples": "sample.num_samples", "--seed": "sample.seed"},
+    "chat": {"--max-new-tokens -n": "sample.max_new_tokens", "--temperature -t": "sample.temperature",
+             "--top-k": "sample.top_k", "--top-p": "sample.top_p", "--seed": "sample.seed"},
     "eval": {"--data": "eval.data", "--split": "eval.split", "--max-tokens": "eval.max_tokens",
              "--hellaswag": "eval.hellaswag", "--limit": "eval.limit", "--batch-size -b": "eval.batch_size",
              "--checkpoint": "eval.checkpoint", "--threads": "eval.threads", "--no-samples": "eval.sample_tokens=0"},
@@ -371,12 +373,44 @@ def _add_train_commands(sub) -> None:
         gptlab sample runs/tiny --prompt "Once upon a time" --prompt "The dog" --num-samples 3 --temperature 0.7
         gptlab sample runs/tiny --prompt-file prompts.txt --top-k 50 --top-p 0.9 --max-new-tokens 300
         gptlab sample runs/tiny/checkpoints/step_0002000 --prompt "Lily" --seed 7
+        gptlab sample runs/tiny-chat --chat "Write a story about a cat."          # a chat run: its reply
+        gptlab sample runs/tiny-chat --messages conversation.json --num-samples 3
         """,
+        description="Continue text prompts (--prompt, --prompt-file), or reply as the assistant of a chat run "
+        "(fine-tuned with gptlab sft) to --chat TEXT (one user message) and/or --messages FILE: a .json list of "
+        '{"role", "content"} messages (or conversation records), a .jsonl file of conversations (one reply to '
+        "each; one that ends with an assistant message is replied to in its place). --chat with --messages adds "
+        "a user message after each conversation. Replies end at <|end|>; the oldest turns are dropped where a "
+        "conversation outgrows the context.",
     )
     p.add_argument("run", metavar="RUN", help="a run directory (its best checkpoint, see --checkpoint) or a checkpoint folder")
     p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line (after any --prompt)")
+    p.add_argument("--chat", metavar="TEXT", help="a user message to a chat run: prints the assistant's reply")
+    p.add_argument("--messages", metavar="FILE", help="conversations to reply to (.json messages or records, .jsonl records)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default best)")
     p.set_defaults(func=_sample)
+
+    p = _parser(
+        sub,
+        "chat",
+        "talk to a chat run in the terminal: replies streamed, history kept within the context",
+        """
+        gptlab chat runs/tiny-chat
+        gptlab chat runs/tiny-chat --system "You write short stories for children." --temperature 0.7
+        gptlab chat runs/tiny-chat --top-k 50 --max-new-tokens 300 --seed 7
+        printf 'Hello!\nTell me a story.\n' | gptlab chat runs/tiny-chat -q      # piped: one reply a line
+        """,
+        description="Each line you type is a user message; the reply is streamed as it is generated and both "
+        "stay in the history. Where the conversation outgrows the model's context, its oldest turns are dropped "
+        "(the system message stays) with a note. Commands: /system TEXT (set the system message; /system alone "
+        "removes it), /reset (forget the conversation), /help, /quit; Ctrl-D or Ctrl-C at the prompt ends, Ctrl-C "
+        "during a reply stops it. Replies go to stdout, notes to stderr. Sampling settings start from the run's "
+        "[sample] section. The run must be a chat model (gptlab sft).",
+    )
+    p.add_argument("run", metavar="RUN", help="a chat run directory (its best checkpoint, see --checkpoint) or a checkpoint folder")
+    p.add_argument("--system", metavar="TEXT", help="start with this system message")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default best)")
+    p.set_defaults(func=_chat)
 
     p = _parser(
         sub,
@@ -425,18 +459,28 @@ def _train(args) -> int:
     return 130 if summary["stopped"] == "interrupted" else 0
 
 
-def _sample(args) -> int:
+def _load_for_sampling(args, extra: list[Override] = ()):
+    """(model, tokenizer, the run's config, the settings) of `sample` and `chat`: the run's [sample] lies under
+    the flags and overrides; its [data] says how a text starts."""
     from gptlab.config import config_to_dict
     from gptlab.device import pick_device
-    from gptlab.distill import read_prompts
-    from gptlab.generate import generate
     from gptlab.runs import find_checkpoint, load_run, load_run_config, run_dir_of
 
     checkpoint = find_checkpoint(args.run, args.checkpoint)
-    run_cfg = load_run_config(run_dir_of(checkpoint))  # its [sample] lies under everything else; its [data] says how text starts
-    from_file = [("sample.prompts", [*vars(args).get("sample.prompts", []), *read_prompts(args.prompt_file)])] if args.prompt_file else []
-    cfg = _config(args, base={"sample": config_to_dict(run_cfg.sample)}, extra=from_file)
+    run_cfg = load_run_config(run_dir_of(checkpoint))
+    cfg = _config(args, base={"sample": config_to_dict(run_cfg.sample)}, extra=extra)
     model, tokenizer, _ = load_run(checkpoint, device=pick_device(cfg.train.device))
+    return model, tokenizer, run_cfg, cfg
+
+
+def _sample(args) -> int:
+    from gptlab.distill import read_prompts
+    from gptlab.generate import generate
+
+    if args.chat is not None or args.messages:
+        return _sample_chat(args)
+    from_file = [("sample.prompts", [*vars(args).get("sample.prompts", []), *read_prompts(args.prompt_file)])] if args.prompt_file else []
+    model, tokenizer, run_cfg, cfg = _load_for_sampling(args, from_file)
     sample = cfg.sample
     outputs = [(p, i) for p in sample.prompts for i in range(sample.num_samples)]
     if len(outputs) == 1:  # one text: stream it as it comes
@@ -449,6 +493,48 @@ def _sample(args) -> int:
     for (prompt, i), text in zip(outputs, texts):
         print(f"--- sample {i + 1} of {prompt!r}\n{prompt}{text}\n")
     return 0
+
+
+def _sample_chat(args) -> int:
+    """`sample --chat/--messages`: the assistant's reply to each conversation."""
+    from gptlab.generate import chat_replies, read_messages
+    from gptlab.tokenizer.chat import ChatFormat
+
+    if "sample.prompts" in vars(args) or args.prompt_file:
+        raise GptlabError("--prompt/--prompt-file continue text; --chat/--messages ask a chat run for a reply",
+                          "give one or the other")
+    # a conversation's last assistant message is replied to again, unless --chat goes on after it
+    conversations = read_messages(args.messages, replace_last_reply=args.chat is None) if args.messages else [("--chat", [])]
+    if args.chat is not None:
+        conversations = [(where, [*messages, {"role": "user", "content": args.chat}]) for where, messages in conversations]
+    model, tokenizer, _, cfg = _load_for_sampling(args)
+    ChatFormat.of(tokenizer, args.run)  # a base run: say so before anything else
+    sample = cfg.sample
+    one = len(conversations) == 1 and sample.num_samples == 1
+
+    def note(text: str) -> None:
+        print(f"note: {text}", file=sys.stderr, flush=True)
+
+    for where, messages in conversations:
+        if one:  # one reply: stream it as it comes
+            chat_replies(model, tokenizer, messages, sample, on_token=lambda i, text: print(text, end="", flush=True),
+                         on_note=note, what=args.run)
+            print()
+            continue
+        for i, reply in enumerate(chat_replies(model, tokenizer, messages, sample, on_note=note, what=args.run)):
+            print(f"--- reply {i + 1} to {where}\n{reply}\n")
+    return 0
+
+
+def _chat(args) -> int:
+    from gptlab.chat.terminal import ChatSession, chat_in_terminal
+
+    model, tokenizer, _, cfg = _load_for_sampling(args)
+    session = ChatSession(model, tokenizer, cfg.sample, system=args.system, what=args.run)
+    banner = None if args.quiet else (
+        f"chatting with {args.run} ({model.num_params():,} parameters, context {model.cfg.context_length} tokens); "
+        "/help for commands, /quit or Ctrl-D to end")
+    return chat_in_terminal(session, banner=banner)
 
 
 def _quickstart(args) -> int:

@@ -1,5 +1,12 @@
-"""The generate stage: text from a trained GPT (batched prompts, KV cache, streaming, best-of-N)."""
+"""The generate stage: text from a trained GPT (batched prompts, KV cache, streaming, best-of-N), replies from a chat model."""
 
+from gptlab.generate.chat import (
+    ChatPrompt,
+    chat_prompt,
+    chat_replies,
+    chat_reply,
+    read_messages,
+)
 from gptlab.generate.sampling import (
     filter_logits,
     generate,
@@ -9,4 +16,5 @@ from gptlab.generate.sampling import (
     start_id,
 )
 
-__all__ = ["filter_logits", "generate", "next_token", "prompt_ids", "sample_tokens", "start_id"]
+__all__ = ["ChatPrompt", "chat_prompt", "chat_replies", "chat_reply", "filter_logits", "generate", "next_token",
+           "prompt_ids", "read_messages", "sample_tokens", "start_id"]

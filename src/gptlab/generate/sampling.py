@@ -12,7 +12,7 @@ from their lone runs (a per-row restart would need a cache per row).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,15 @@ def sample_tokens(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Collection[int] | None = None,
     generator: torch.Generator | None = None,
     on_step: Callable[[list[int | None]], None] | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """Continue every prompt (token ids, each non-empty) in one batch.
 
-    Returns the new tokens of each row (stopping before eos_id, if given) and their mean log-probability
-    under the model (temperature 1, EOS included). on_step gets each step's token per row (None once a row
-    has stopped).
+    Returns the new tokens of each row (stopping before eos_id, if given: one id or several, e.g. a chat
+    model's <|end|> and EOS) and their mean log-probability under the model (temperature 1, EOS included).
+    on_step gets each step's token per row (None once a row has stopped).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -84,6 +84,10 @@ def sample_tokens(
         tokens[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         valid[i, width - len(p) :] = True
 
+    if isinstance(eos_id, int):
+        eos_id = [eos_id]
+    stop = torch.tensor(sorted(eos_id), dtype=torch.long, device=device) if eos_id else None
+
     was_training = model.training
     model.eval()
     try:
@@ -99,7 +103,7 @@ def sample_tokens(
             logprob = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
             logprob_sum += logprob * running
             count += running
-            stopped = token == eos_id if eos_id is not None else torch.zeros_like(running)
+            stopped = torch.isin(token, stop) if stop is not None else torch.zeros_like(running)
             emitted = running & ~stopped  # EOS ends a row and is not part of its text
             step_tokens = [t if e else None for t, e in zip(token.tolist(), emitted.tolist())]
             for row, t in enumerate(step_tokens):
@@ -182,19 +186,23 @@ class _Stream:
 def generate(
     model: GPT,
     tokenizer,
-    prompts: list[str],
+    prompts: Sequence[str | Sequence[int]],
     cfg: SampleConfig,
     on_token: Callable[[int, str], None] | None = None,
     *,
     data: DataConfig | None = None,
+    stop_ids: Collection[int] | None = None,
 ) -> list[str]:
     """Continue each prompt cfg.num_samples times; returns the continuations (without the prompt), the
     samples of prompt i at [i * num_samples, (i + 1) * num_samples).
 
-    All rows run in one batch. With best_of = N > 1, max(N, num_samples) candidates are drawn per prompt and
-    the num_samples with the highest mean log-probability are returned, best first. on_token(i, text)
-    streams the new text of output i as it is generated (with best_of, each result once ranked).
-    `data` is the run's [data] section, which says what each prompt starts after (`start_id`).
+    A prompt is a text, which starts after the start token (`prompt_ids`; `data` is the run's [data]
+    section, which says what that is), or a list of token ids taken as they are (a chat prompt:
+    gptlab.generate.chat builds them). A sample ends at any of `stop_ids` (default: the tokenizer's EOS
+    where cfg.stop_at_eos). All rows run in one batch. With best_of = N > 1, max(N, num_samples)
+    candidates are drawn per prompt and the num_samples with the highest mean log-probability are
+    returned, best first. on_token(i, text) streams the new text of output i as it is generated (with
+    best_of, each result once ranked).
     """
     if not prompts:
         return []
@@ -204,7 +212,7 @@ def generate(
             "sample with the tokenizer the model was trained with",
         )
     candidates = max(cfg.best_of, cfg.num_samples)
-    ids = [prompt_ids(tokenizer, p, data) for p in prompts for _ in range(candidates)]
+    ids = [prompt_ids(tokenizer, p, data) if isinstance(p, str) else list(p) for p in prompts for _ in range(candidates)]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     stream = _Stream(tokenizer, len(ids), on_token) if on_token is not None and candidates == cfg.num_samples else None
@@ -215,7 +223,7 @@ def generate(
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
-        eos_id=tokenizer.eos_id if cfg.stop_at_eos else None,
+        eos_id=stop_ids if stop_ids is not None else tokenizer.eos_id if cfg.stop_at_eos else None,
         generator=generator,
         on_step=stream,
     )

@@ -61,8 +61,9 @@ _SHAPE_FIELDS = {"messages": {"messages"}, "conversations": {"conversations"},
                  "alpaca": {"instruction", "input", "output", "system"}, "pair": {"prompt", "completion", "system"}}
 
 
-def conversation_from_record(record: Any, where: str) -> Conversation:
-    """The messages of one record in any of the shapes; a one-line error naming `where` otherwise."""
+def conversation_from_record(record: Any, where: str, need_reply: bool = True) -> Conversation:
+    """The messages of one record in any of the shapes; a one-line error naming `where` otherwise.
+    need_reply=False takes a conversation with no assistant turn yet (a prompt to reply to)."""
     shape = record_shape(record)
     if shape is None:
         keys = ", ".join(record) if isinstance(record, dict) else type(record).__name__
@@ -90,7 +91,7 @@ def conversation_from_record(record: Any, where: str) -> Conversation:
         if not isinstance(m["content"], str):
             raise GptlabError(f"{where}: message {i} ({m['role']}) holds {type(m['content']).__name__}, not text",
                               "give every message's content as a string")
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_reply and not any(m["role"] == "assistant" for m in messages):
         raise GptlabError(f"{where}: the conversation has no assistant turn, so there is nothing to learn from it",
                           "add the assistant's reply, or drop the record")
     extra = {k: v for k, v in record.items() if k not in _SHAPE_FIELDS[shape]}
