@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from gptlab.cli import main
 from gptlab.config import SampleConfig

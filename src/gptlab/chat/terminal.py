@@ -86,40 +86,48 @@ def chat_in_terminal(session: ChatSession, *, stdin: TextIO | None = None, stdou
             raise EOFError
         return line
 
-    if banner:
-        say(banner)
-    while True:
-        try:
-            line = read()
-        except (EOFError, KeyboardInterrupt):
-            if interactive:
+    try:
+        if banner:
+            say(banner)
+        while True:
+            try:
+                line = read().rstrip("\r\n")
+            except EOFError:
+                break
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not _command(session, line, say):
+                    return 0
+                continue
+            try:
+                session.say(line, on_token=write, on_note=lambda note: say(f"note: {note}"))
                 write("\n")
-            return 0
-        line = line.rstrip("\r\n")
-        if not line.strip():
-            continue
-        if line.startswith("/"):
-            command, _, rest = line.partition(" ")
-            if command in ("/quit", "/exit"):
-                return 0
-            if command == "/help":
-                say(HELP)
-            elif command == "/reset":
-                session.reset()
-                say("(the conversation starts again)")
-            elif command == "/system":
-                session.system = rest.strip() or None
-                say(f"(system message: {session.system!r})" if session.system else "(no system message)")
-            else:
-                say(f"unknown command {command}: /help lists them")
-            continue
-        try:
-            session.say(line, on_token=write, on_note=lambda note: say(f"note: {note}"))
-        except GptlabError as e:  # a message too long for the context: say so and go on
-            say(f"gptlab: error: {e}")
-            continue
-        except KeyboardInterrupt:
-            write("\n")
-            say("(reply stopped; that turn is forgotten)")
-            continue
+            except GptlabError as e:  # a message too long for the context: say so and go on
+                say(f"gptlab: error: {e}")
+            except KeyboardInterrupt:
+                write("\n")
+                say("(reply stopped; that turn is forgotten)")
+    except KeyboardInterrupt:  # Ctrl-C anywhere but in a reply: the end
+        pass
+    if interactive:  # the prompt's line ends
         write("\n")
+    return 0
+
+
+def _command(session: ChatSession, line: str, say: Callable[[str], None]) -> bool:
+    """Do the /command on `line`; False where it ends the conversation."""
+    command, _, rest = line.partition(" ")
+    if command in ("/quit", "/exit"):
+        return False
+    if command == "/help":
+        say(HELP)
+    elif command == "/reset":
+        session.reset()
+        say("(the conversation starts again)")
+    elif command == "/system":
+        session.system = rest.strip() or None
+        say(f"(system message: {session.system!r})" if session.system else "(no system message)")
+    else:
+        say(f"unknown command {command}: /help lists them")
+    return True
