@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from gptlab.config import Config
+from gptlab.tokenizer.chat import has_chat_tokens
 
 # train.optimizer as a reader knows it
 OPTIMIZERS = {"adamw": "AdamW", "muon": "Muon on the blocks' matrices and AdamW on the rest,"}
@@ -55,6 +56,8 @@ def model_card(*, name: str, family, cfg: Config, tokenizer, info: dict, run_dir
     if start is not None:
         lines += [f"The tokenizer puts `{tokenizer.decode([start])}` before every text (as every training document started); "
                   "`add_special_tokens=False` gives the bare ids.", ""]
+    if has_chat_tokens(tokenizer):
+        lines += _chat_section(where)
     lines += [
         "## Architecture",
         "",
@@ -74,6 +77,26 @@ def model_card(*, name: str, family, cfg: Config, tokenizer, info: dict, run_dir
     ]
     lines += _data_section(cfg) + _training_section(cfg, info, run_dir) + _eval_section(run_dir)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _chat_section(where: str) -> list[str]:
+    return [
+        "## Chat",
+        "",
+        "A chat model: its tokenizer carries the chat template it was fine-tuned with "
+        "(`<|role|>content<|end|>` per message, a reply asked for with `<|assistant|>`).",
+        "",
+        "```python",
+        'messages = [{"role": "user", "content": "Write a story about a cat."}]',
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+        "out = model.generate(**inputs, max_new_tokens=200)",
+        'print(tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "```",
+        "",
+        "A reply ends at `<|end|>` (among generation_config.json's `eos_token_id`). With llama.cpp, give the GGUF "
+        "`--jinja` so that its own template is used rather than a guessed one.",
+        "",
+    ]
 
 
 def _public_name(path: str) -> str:

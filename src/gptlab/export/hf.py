@@ -4,8 +4,8 @@ Export writes a folder transformers loads with no custom code:
 
     DIR/config.json              LlamaForCausalLM, ArceeForCausalLM or GPT2LMHeadModel (families.py picks the one that fits)
     DIR/model.safetensors        the weights under transformers' names (a tied output matrix stored once)
-    DIR/generation_config.json   start/end/pad ids and the run's [sample] settings
-    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json
+    DIR/generation_config.json   start/end/pad ids (a chat run's <|end|> among the end ids) and the run's [sample] settings
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (a chat run's: with its chat_template)
     DIR/README.md                the model card
 
 Import reads such a folder (GPT-2, Llama or Arcee; built by transformers' save_pretrained or
@@ -42,6 +42,7 @@ from gptlab.export.folders import building, check_free
 from gptlab.export.hf_tokenizer import (
     hf_tokenizer_files,
     special_token_ids,
+    stop_ids,
     tokenizer_from_hf,
 )
 from gptlab.files import atomic_write_json, atomic_write_text
@@ -69,10 +70,13 @@ def hf_state_dict(model, family: Family, dtype: str = "float32") -> dict[str, to
     return {name: t.detach().to(DTYPES[dtype]).contiguous().clone() for name, t in sd.items()}
 
 
-def generation_config(sample: SampleConfig, ids: dict[str, int | None]) -> dict:
+def generation_config(sample: SampleConfig, ids: dict[str, int | None], stop: list[int] | None = None) -> dict:
     """The run's [sample] settings as transformers' defaults for generate(). The length is max_new_tokens
-    only: a max_length beside it makes transformers warn on every generate(max_new_tokens=...) call."""
-    out = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"] if ids["pad"] is not None else ids["eos"],
+    only: a max_length beside it makes transformers warn on every generate(max_new_tokens=...) call.
+    `stop`: the ids generate() stops at where more than the EOS (a chat run's <|end|> too)."""
+    stop = stop or ([ids["eos"]] if ids["eos"] is not None else [])
+    out = {"bos_token_id": ids["bos"], "eos_token_id": stop if len(stop) > 1 else (stop[0] if stop else None),
+           "pad_token_id": ids["pad"] if ids["pad"] is not None else (stop[0] if stop else None),  # the EOS, first
            "max_new_tokens": sample.max_new_tokens}
     if sample.temperature > 0:
         out |= {"do_sample": True, "temperature": sample.temperature, "top_p": sample.top_p, "top_k": sample.top_k or 0}
@@ -99,7 +103,7 @@ def export_hf(run: str | Path, out_dir: str | Path, *, which: str = "best", dtyp
     with building(out, force) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", config)
-        atomic_write_json(tmp / "generation_config.json", generation_config(cfg.sample, ids))
+        atomic_write_json(tmp / "generation_config.json", generation_config(cfg.sample, ids, stop_ids(tokenizer)))
         for name, content in tokenizer_files.items():
             atomic_write_json(tmp / name, content)
         atomic_write_text(tmp / "README.md", card)

@@ -11,6 +11,12 @@ see the model's inputs the way gptlab did; `tokenizer(text, add_special_tokens=F
 gives exactly gptlab's `encode(text)`.
 SentencePiece models have no exact tokenizer.json form and are refused.
 
+A chat run's tokenizer (one with the chat tokens) also carries the chat template
+(gptlab.tokenizer.chat.CHAT_TEMPLATE) in tokenizer_config.json, and its chat tokens as
+additional special tokens: `apply_chat_template(messages, add_generation_prompt=True)`
+gives exactly the ids `gptlab chat` prompts with (ChatFormat.prompt), since the rendered
+text is split at the special tokens and each piece encoded alone, as gptlab does.
+
 Import: a byte-level BPE with GPT-2's pre-tokenizer (GPT-2, and any folder
 gptlab exported), from tokenizer.json or from GPT-2's vocab.json + merges.txt.
 """
@@ -23,6 +29,7 @@ from pathlib import Path
 from gptlab.errors import GptlabError
 from gptlab.tokenizer import Tokenizer, tokenizer_from_json
 from gptlab.tokenizer.base import FILE_FORMAT, FILE_VERSION
+from gptlab.tokenizer.chat import CHAT_TEMPLATE, END_TOKEN, has_chat_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -31,6 +38,17 @@ def special_token_ids(tok: Tokenizer, start: int | None) -> dict[str, int | None
     """config.json's bos/eos/pad ids; "bos" is the start token (`start`, the id of start_id), as for GPT-2
     (whose BOS is its EOS); with no start token, the tokenizer's own BOS (never added)."""
     return {"bos": tok.bos_id if start is None else start, "eos": tok.eos_id, "pad": tok.pad_id}
+
+
+def chat_end_id(tok: Tokenizer) -> int | None:
+    """The id of <|end|>, which ends a chat model's reply; None for a tokenizer without the chat tokens."""
+    return tok.token_to_id(END_TOKEN) if has_chat_tokens(tok) else None
+
+
+def stop_ids(tok: Tokenizer) -> list[int]:
+    """The ids that end generation: the document EOS, and a chat model's <|end|> (generation_config.json's
+    eos_token_id, GGUF's eos/eot)."""
+    return list(dict.fromkeys(i for i in (tok.eos_id, chat_end_id(tok)) if i is not None))
 
 
 def check_exportable(tok: Tokenizer) -> None:
@@ -52,6 +70,8 @@ def hf_tokenizer_files(tok: Tokenizer, context_length: int, start: int | None) -
         tokenizer_json["post_processor"] = _prepend(bos, start)
     specials = {"bos_token": bos, "eos_token": tok.specials.eos, "pad_token": tok.specials.pad}
     specials = {k: v for k, v in specials.items() if v is not None}
+    if tok.specials.extra:  # the chat tokens among them: skip_special_tokens=True drops them from a decoded reply
+        specials["additional_special_tokens"] = list(tok.specials.extra)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **specials,
@@ -60,6 +80,8 @@ def hf_tokenizer_files(tok: Tokenizer, context_length: int, start: int | None) -
         "model_max_length": context_length,
         "clean_up_tokenization_spaces": False,
     }
+    if has_chat_tokens(tok):  # the template gptlab renders (ChatFormat), whatever the tokenizer's metadata holds
+        config["chat_template"] = CHAT_TEMPLATE
     return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 

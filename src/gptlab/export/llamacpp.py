@@ -8,7 +8,13 @@ The tensors are the Hugging Face Llama/Arcee ones renamed by gguf's own name map
 blk.N.attn_q, ..., output_norm, output) and, as llama.cpp's
 convert_hf_to_gguf.py does, q and k permuted from the rotate-halves layout back to the
 interleaved pairs llama.cpp's RoPE rotates. The tokenizer goes in as a byte-level BPE
-("gpt2" model, "gpt-2" pre-tokenizer): tokens, token types, merges, start/end ids.
+("gpt2" model, "gpt-2" pre-tokenizer): tokens, token types (gptlab's special tokens,
+the chat tokens among them, as CONTROL: never produced from text, not printed), merges,
+start/end ids. A chat run's file also carries the chat template (tokenizer.chat_template)
+and <|end|> as the end-of-turn token (tokenizer.ggml.eot_token_id), which llama.cpp stops
+generating at. llama.cpp renders that template exactly only with --jinja: without it, its
+built-in guess takes a template holding <|assistant|> and <|end|> for Phi-3's, which adds a
+newline after each role token and <|end|> -- not what the model was trained on.
 Weights stay float32 (quantize afterwards with llama.cpp's llama-quantize).
 """
 
@@ -24,8 +30,9 @@ import torch
 from gptlab.errors import GptlabError
 from gptlab.export.families import Llama, family_for
 from gptlab.export.hf import hf_state_dict, load_for_export
-from gptlab.export.hf_tokenizer import special_token_ids
+from gptlab.export.hf_tokenizer import chat_end_id, special_token_ids
 from gptlab.generate import start_id
+from gptlab.tokenizer.chat import CHAT_TEMPLATE
 
 
 def _gguf():
@@ -134,6 +141,12 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
                 add(ids[role])
         writer.add_add_bos_token(start is not None)  # llama.cpp puts bos_token_id (the start token) before a prompt
         writer.add_add_eos_token(False)
+        end = chat_end_id(tokenizer)
+        if end is not None:  # a chat run: its template, and the end of a reply as the end of a turn
+            writer.add_chat_template(CHAT_TEMPLATE)
+            writer.add_eot_token_id(end)
+            if ids["eos"] is None:  # nothing else would stop generation
+                writer.add_eos_token_id(end)
         for name, array in tensors.items():
             writer.add_tensor(name, np.ascontiguousarray(array))
         writer.write_header_to_file()
