@@ -398,7 +398,7 @@ def _add_train_commands(sub) -> None:
         gptlab chat runs/tiny-chat
         gptlab chat runs/tiny-chat --system "You write short stories for children." --temperature 0.7
         gptlab chat runs/tiny-chat --top-k 50 --max-new-tokens 300 --seed 7
-        printf 'Hello!\nTell me a story.\n' | gptlab chat runs/tiny-chat -q      # piped: one reply a line
+        cat questions.txt | gptlab chat runs/tiny-chat -q      # piped: a reply to each line
         """,
         description="Each line you type is a user message; the reply is streamed as it is generated and both "
         "stay in the history. Where the conversation outgrows the model's context, its oldest turns are dropped "

@@ -8,6 +8,10 @@
     push_to_hub(folder, repo_id, private=False) -> url
     export_gguf(run, path, which="best", force=False) -> dict     llama.cpp / Ollama (Llama-shaped runs)
     family_for(model_cfg) -> Family                                which architecture, or why none
+
+A chat run (its tokenizer holds the chat tokens) exports with its chat template: tokenizer_config.json's
+chat_template (apply_chat_template gives gptlab's prompt ids) and GGUF's tokenizer.chat_template, and
+<|end|> among the ids generation stops at.
 """
 
 from gptlab.export.families import FAMILIES, GPT2, Arcee, Family, Llama, family_for
