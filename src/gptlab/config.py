@@ -472,6 +472,15 @@ class EvalConfig(Section):
     """the fixed prompts of the report's samples"""
     sample_tokens: int = Field(64, ge=0)
     """tokens generated per prompt; 0 = no samples"""
+    conversations: str | None = None
+    """a conversation file (JSON lines: messages, ShareGPT, Alpaca or prompt/completion) whose assistant tokens are scored"""
+    instructions: str | None = None
+    """an instruction file (conversations with "constraints": {words, name}): how often a generated reply follows them"""
+    instruction_limit: int | None = Field(None, ge=1)
+    """the first N instructions; none: all of them"""
+    chat_format: Literal["auto", "chat", "text"] = "auto"
+    """how conversations reach the model: chat (its chat format), text (plain text: a base model), auto (chat where
+    the run has chat tokens; conversations need them, instructions fall back to text)"""
 
 
 # --------------------------------------------------------------------------- root
