@@ -135,3 +135,26 @@ def test_on_real_tinystories(shared_data):
     assert all(follows(r["messages"][1]["content"], r["constraints"])["ok"] for r in built["train"] + built["val"])
     names = {r["constraints"]["name"] for r in built["val"]}
     assert {"Lily", "Tim", "Tom"} <= names and all(len(r["messages"][1]["content"].split()) <= 250 for r in built["val"])
+
+
+@pytest.mark.slow
+def test_the_demonstration_runs_end_to_end_at_toy_scale(shared_data, tmp_path):
+    """benchmarks/chat_tinystories.py --quick: base, instruction sets, gptlab sft, comparison (about 1-2 minutes)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GPTLAB_SHARED_DATA": str(shared_data), "PYTHONPATH": str(repo / "src")}
+    if subprocess.run([sys.executable, "-m", "gptlab", "sft", "--help"], capture_output=True, env=env).returncode:
+        pytest.skip("gptlab sft is not in this checkout")
+    done = subprocess.run([sys.executable, str(repo / "benchmarks" / "chat_tinystories.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = done.stdout.strip().splitlines()[-1]
+    assert result.startswith("RESULT base_follow_rate=") and " sft_heldout_loss=" in result and " cpu=" in result
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["reference_rate"] == 1.0 and results["instructions"] == 20
+    assert results["rows"]["base"]["follow"]["format"] == "text" and results["rows"]["sft"]["follow"]["format"] == "chat"
+    assert results["rows"]["base"]["loss"]["bytes"] == results["rows"]["sft"]["loss"]["bytes"]  # the same story text
