@@ -190,6 +190,7 @@ def test_eval_cli_bad_instruction_and_conversation_files(base_run, tmp_path, cap
          "e.jsonl:1: the last message is not the assistant's reference reply"),
         (["--conversations", write_jsonl(tmp_path / "f.jsonl", [{"text": "not a conversation"}]), "--eval.chat_format=text"],
          "f.jsonl:1: not a conversation"),
+        (["--instructions", write_jsonl(tmp_path / "g.jsonl", good), "--eval.chat_format=chat"], "has no chat tokens"),
     ]
     for flags, message in cases:
         assert main(["eval", str(base_run), "--no-samples", "-q", *flags]) == 2, flags

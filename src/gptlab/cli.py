@@ -258,8 +258,8 @@ def _add_data_commands(sub) -> None:
         "data instructions",
         "an instruction set from stories: 'Write a story about a girl named Lily that uses the words ...' -> the story",
         """
-        gptlab data instructions --stories ../shared/data/tinystories/TinyStoriesV2-GPT4-valid_head5M.txt \\
-            --out data/instructions.jsonl --n 3000 --val-out data/heldout.jsonl --val-n 200
+        gptlab data instructions --stories stories.txt --out data/train.jsonl --n 3000 --val-out data/heldout.jsonl --val-n 200
+        gptlab data instructions --stories ../shared/data/tinystories/TinyStoriesV2-GPT4-valid_head5M.txt --out all.jsonl
         gptlab data instructions --stories stories.txt --out all.jsonl --seed 1 --max-words 250
         """,
         description="For each story (documents of a text file, <|endoftext|> lines apart): its main character "

@@ -479,8 +479,7 @@ class EvalConfig(Section):
     instruction_limit: int | None = Field(None, ge=1)
     """the first N instructions; none: all of them"""
     chat_format: Literal["auto", "chat", "text"] = "auto"
-    """how conversations reach the model: chat (its chat format), text (plain text: a base model), auto (chat where
-    the run has chat tokens; conversations need them, instructions fall back to text)"""
+    """chat: the run's chat format; text: plain text (a base model); auto: chat, and for instructions text where the run has no chat tokens"""
 
 
 # --------------------------------------------------------------------------- root

@@ -150,19 +150,26 @@ def evaluate_conversations(model, tokenizer, conversations: list, *, as_chat: bo
                     conversations=len(conversations))
 
 
+def normalize_conversations(conversations: list, text=None) -> list:
+    """The conversations with `text` (a run's [text] section) applied to every message, as `data prepare` did."""
+    from gptlab.text import Normalizer
+
+    if text is not None:
+        normalize = Normalizer(text)
+        for c in conversations:
+            c.messages = [{**m, "content": normalize(m["content"])} for m in c.messages]
+    return conversations
+
+
 def evaluate_conversation_file(model, tokenizer, path: str | os.PathLike, *, normalize=None, **kwargs) -> dict:
     """evaluate_conversations on every record of a conversation file (a folder or a glob), as `data prepare`
     reads it; `normalize` (a run's [text] section) is applied to every message, as preparing the data did."""
     from gptlab.files import require_file
-    from gptlab.text import Normalizer, read_conversations
+    from gptlab.text import read_conversations
 
     if not any(c in str(path) for c in "*?[") and not str(path).startswith("hf:"):
         require_file(path, "conversation file")
-    conversations = read_conversations(path)
-    if normalize is not None:
-        norm = Normalizer(normalize)
-        for c in conversations:
-            c.messages = [{**m, "content": norm(m["content"])} for m in c.messages]
+    conversations = normalize_conversations(read_conversations(path), normalize)
     return {**evaluate_conversations(model, tokenizer, conversations, name=str(path), **kwargs), "source": str(path)}
 
 

@@ -34,7 +34,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
     """Evaluate a run's best (or last) checkpoint; writes RUN/eval.json and RUN/eval.md; returns the report.
     `sample`: how replies to cfg.instructions are drawn (default SampleConfig())."""
     from gptlab.device import pick_device, pick_precision, set_threads
-    from gptlab.evaluate.chat import chat_renderer, evaluate_conversation_file
+    from gptlab.evaluate.chat import chat_renderer, evaluate_conversation_file, normalize_conversations
     from gptlab.evaluate.hellaswag import load_hellaswag
     from gptlab.evaluate.instructions import instruction_following, read_instructions
     from gptlab.runs import find_checkpoint, load_run, read_info, run_dir_of
@@ -65,8 +65,8 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
     hellaswag = load_hellaswag(cfg.hellaswag, cfg.limit) if cfg.hellaswag else None
     instructions = read_instructions(cfg.instructions, cfg.instruction_limit) if cfg.instructions else None
     as_chat = {"auto": None, "chat": True, "text": False}[cfg.chat_format]
-    if cfg.conversations:
-        chat_renderer(tokenizer, as_chat, f"the run {run}")
+    if cfg.conversations or (cfg.instructions and as_chat):  # the chat format asked of a run without chat tokens
+        chat_renderer(tokenizer, as_chat if cfg.conversations else True, f"the run {run}")
     for path in cfg.data or _own_validation_split(run_cfg, cfg, report, progress):
         report["datasets"].append(_evaluate_dataset(model, tokenizer, run_cfg, cfg, str(path), common))
     if cfg.conversations:
@@ -76,6 +76,7 @@ def evaluate_run(run_dir: str | Path, cfg: EvalConfig | None = None, *, progress
     if hellaswag is not None:
         report["hellaswag"] = _hellaswag(model, tokenizer, run_cfg, hellaswag, cfg, precision, progress)
     if instructions is not None:
+        instructions = normalize_conversations(instructions, run_cfg.text if cfg.normalize else None)
         report["instructions"] = instruction_following(model, tokenizer, instructions, sample or SampleConfig(),
                                                        as_chat, data=run_cfg.data, batch_size=cfg.batch_size,
                                                        name=cfg.instructions)
