@@ -49,7 +49,9 @@ ALIASES: dict[str, dict[str, str]] = {
              "--top-k": "sample.top_k", "--top-p": "sample.top_p", "--seed": "sample.seed"},
     "eval": {"--data": "eval.data", "--split": "eval.split", "--max-tokens": "eval.max_tokens",
              "--hellaswag": "eval.hellaswag", "--limit": "eval.limit", "--batch-size -b": "eval.batch_size",
-             "--checkpoint": "eval.checkpoint", "--threads": "eval.threads", "--no-samples": "eval.sample_tokens=0"},
+             "--checkpoint": "eval.checkpoint", "--threads": "eval.threads", "--no-samples": "eval.sample_tokens=0",
+             "--conversations": "eval.conversations", "--instructions": "eval.instructions",
+             "--instruction-limit": "eval.instruction_limit"},
     "distill": {"--tokens": "distill.tokens", "--batch-size": "distill.batch_size",
                 "--max-new-tokens -n": "distill.max_new_tokens", "--temperature -t": "distill.temperature",
                 "--top-k": "distill.top_k", "--top-p": "distill.top_p", "--seed": "distill.seed",
@@ -253,6 +255,31 @@ def _add_data_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="download again even if the file is there")
     p.set_defaults(func=_data_download)
 
+    p = _parser(
+        sub,
+        "data instructions",
+        "an instruction set from stories: 'Write a story about a girl named Lily that uses the words ...' -> the story",
+        """
+        gptlab data instructions --stories stories.txt --out data/train.jsonl --n 3000 --val-out data/heldout.jsonl --val-n 200
+        gptlab data instructions --stories ../shared/data/tinystories/TinyStoriesV2-GPT4-valid_head5M.txt --out all.jsonl
+        gptlab data instructions --stories stories.txt --out all.jsonl --seed 1 --max-words 250
+        """,
+        description="For each story (documents of a text file, <|endoftext|> lines apart): its main character "
+        "(the name it mentions most, of TinyStories' common names and any introduced as 'a dog named X') and three "
+        "content words drawn from it, one from each third; stories that name no character are skipped. Each record "
+        "is a conversation (the instruction, then the story) with \"constraints\": {words, name}, for `gptlab sft "
+        "--data` and `gptlab eval --instructions`; every story follows its own instruction. The eligible stories "
+        "are shuffled with --seed: the first --val-n go to --val-out, the next --n to --out, so no story is in both.",
+    )
+    p.add_argument("--stories", required=True, metavar="FILE", help="stories, <|endoftext|> lines apart (or any text source)")
+    p.add_argument("--out", "-o", required=True, metavar="FILE.jsonl", help="where the training instructions go")
+    p.add_argument("--n", type=int, metavar="N", help="training instructions to write (default: every eligible story left)")
+    p.add_argument("--val-out", metavar="FILE.jsonl", help="where the held-out instructions go")
+    p.add_argument("--val-n", type=int, default=0, metavar="N", help="held-out instructions (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="the shuffle and the words drawn (default 0)")
+    p.add_argument("--max-words", type=int, metavar="N", help="skip stories longer than N words (to fit a context)")
+    p.set_defaults(func=_data_instructions)
+
 
 def _data_prepare(args) -> int:
     from gptlab.data.prepare import format_prepared, prepare_data
@@ -274,6 +301,19 @@ def _data_inspect(args) -> int:
 
     report = inspect_data(args.dir, top=args.top, sample_tokens=args.sample_tokens)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else format_report(report))
+    return 0
+
+
+def _data_instructions(args) -> int:
+    from gptlab.chat.instructions import write_instruction_set
+
+    for flag, value in (("--n", args.n), ("--val-n", args.val_n), ("--max-words", args.max_words)):
+        if value is not None and value < (1 if flag != "--val-n" else 0):
+            raise GptlabError(f"{flag} {value} is not a count", f"give {flag} a positive number")
+    made = write_instruction_set(args.stories, args.out, args.n, args.seed, args.val_out, args.val_n, args.max_words)
+    held = f", {made['val']:,} held out -> {made['val_out']}" if made["val_out"] else ""
+    print(f"{made['train']:,} instructions -> {made['out']}{held} ({made['stories']:,} stories, "
+          f"{made['skipped']:,} skipped: no named character, too few content words or too long)")
     return 0
 
 
@@ -571,6 +611,9 @@ def _add_evaluate_commands(sub) -> None:
         gptlab eval runs/tiny --data data/stories --data notes.txt --max-tokens 200000
         gptlab eval runs/tiny --hellaswag ../shared/data/hellaswag/hellaswag_val_preprocessed.jsonl --limit 1000
         gptlab eval runs/tiny --hellaswag hf:Rowan/hellaswag               # with a network
+        gptlab eval runs/chat --conversations heldout.jsonl                # loss on the assistant's tokens
+        gptlab eval runs/chat --instructions heldout.jsonl --instruction-limit 100 --sample.temperature=0.7
+        gptlab eval runs/base --conversations heldout.jsonl --eval.chat_format=text   # a base model, as plain text
         """,
         description="Scores the run's best (or --checkpoint last) checkpoint. Bits per byte lead the report: the "
         "summed negative log-likelihood of every token over ln 2 times the UTF-8 bytes of the text, scored in "
@@ -578,7 +621,11 @@ def _add_evaluate_commands(sub) -> None:
         "--data takes text files, folders, globs, hf:NAME sources (read as training reads them: documents, the "
         "run's normalisation, EOS after each) or prepared data folders (their --split); none: the run's own "
         "validation split. Also teacher-forced top-k accuracy by tokens of context, HellaSwag acc/acc_norm when "
-        "--hellaswag is given, and samples for a fixed prompt set (eval.prompts).",
+        "--hellaswag is given, and samples for a fixed prompt set (eval.prompts). --conversations FILE scores the "
+        "assistant's tokens of a conversation file (a chat run's own validation split is scored so too); "
+        "--instructions FILE generates a reply to each instruction record and reports how often it follows "
+        "its constraints (every requested word and the name present), sampled with the [sample] settings of "
+        "this command (--sample.temperature=..., not the run's), so two runs compare alike.",
     )
     p.add_argument("run", metavar="RUN", help="a run directory or a checkpoint folder")
     p.set_defaults(func=_eval)
@@ -617,8 +664,8 @@ def _add_evaluate_commands(sub) -> None:
 def _eval(args) -> int:
     from gptlab.evaluate import evaluate_run, format_summary
 
-    cfg = _config(args).eval
-    print(format_summary(evaluate_run(args.run, cfg, progress=not args.quiet)))
+    cfg = _config(args)
+    print(format_summary(evaluate_run(args.run, cfg.eval, progress=not args.quiet, sample=cfg.sample)))
     return 0
 
 

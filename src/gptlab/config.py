@@ -472,6 +472,14 @@ class EvalConfig(Section):
     """the fixed prompts of the report's samples"""
     sample_tokens: int = Field(64, ge=0)
     """tokens generated per prompt; 0 = no samples"""
+    conversations: str | None = None
+    """a conversation file (JSON lines: messages, ShareGPT, Alpaca or prompt/completion) whose assistant tokens are scored"""
+    instructions: str | None = None
+    """an instruction file (conversations with "constraints": {words, name}): how often a generated reply follows them"""
+    instruction_limit: int | None = Field(None, ge=1)
+    """the first N instructions; none: all of them"""
+    chat_format: Literal["auto", "chat", "text"] = "auto"
+    """chat: the run's chat format; text: plain text (a base model); auto: chat, and for instructions text where the run has no chat tokens"""
 
 
 # --------------------------------------------------------------------------- root
