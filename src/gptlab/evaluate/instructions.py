@@ -114,9 +114,8 @@ def read_instructions(path: str, limit: int | None = None) -> list:
 def generate_replies(model, tokenizer, conversations: list, sample_cfg: SampleConfig, as_chat: bool,
                      data: DataConfig | None = None, batch_size: int = 16) -> list[str]:
     """One reply per conversation to all of its messages but the last. Batches of `batch_size` prompts, batch k
-    drawn with seed sample_cfg.seed + k, so a reply does not depend on how many instructions follow it.
-
-    Kept small on purpose: it is where gptlab.generate's reply-from-messages API plugs in."""
+    drawn with seed sample_cfg.seed + k, so a reply does not depend on how many instructions follow it; a chat
+    reply ends at <|end|> (or the base model's EOS), a plain one at EOS."""
     import torch
 
     from gptlab.generate import prompt_ids, sample_tokens
@@ -126,21 +125,18 @@ def generate_replies(model, tokenizer, conversations: list, sample_cfg: SampleCo
 
         chat = ChatFormat.of(tokenizer, "the run's tokenizer")
         prompts = [chat.prompt(instruction_prompt(c.messages)) for c in conversations]
-        eos, stop = chat.end_id, chat.stop_ids
+        stop = chat.stop_ids
     else:
         prompts = [prompt_ids(tokenizer, plain_prompt(instruction_prompt(c.messages)), data) for c in conversations]
-        eos = tokenizer.eos_id
-        stop = {eos} if eos is not None else set()
+        stop = tokenizer.eos_id
     device = next(model.parameters()).device
     replies = []
     for k, first in enumerate(range(0, len(prompts), batch_size)):
         generator = torch.Generator(device=device).manual_seed(sample_cfg.seed + k)
         new, _ = sample_tokens(model, prompts[first : first + batch_size], sample_cfg.max_new_tokens,
                                temperature=sample_cfg.temperature, top_k=sample_cfg.top_k, top_p=sample_cfg.top_p,
-                               eos_id=eos, generator=generator)
-        for ids in new:  # the sampler stops at one id; a chat reply also ends at the base model's EOS
-            cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
-            replies.append(tokenizer.decode(ids[:cut]))
+                               eos_id=stop, generator=generator)
+        replies += [tokenizer.decode(ids) for ids in new]
     return replies
 
 
