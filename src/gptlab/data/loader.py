@@ -13,8 +13,8 @@ windows as one with world_size=1, batch_size=16.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from bisect import bisect_right
+from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np

@@ -49,7 +49,7 @@ class TrainStep:
                 with record_function("forward"), autocast(self.device, self.precision):
                     if self.teacher:
                         logits, loss = self.forward(x, y, return_logits=True)
-                        loss = self.teacher.loss(x, logits, loss)
+                        loss = self.teacher.loss(x, y, logits, loss)
                     else:
                         _, loss = self.forward(x, y)
                 loss = loss / grad_accum
@@ -79,11 +79,16 @@ class Teacher:
     def __init__(self, model: torch.nn.Module, weight: float, temperature: float):
         self.model, self.weight, self.temperature = model.eval().requires_grad_(False), weight, temperature
 
-    def loss(self, x: torch.Tensor, student_logits: torch.Tensor, cross_entropy: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor, cross_entropy: torch.Tensor) -> torch.Tensor:
+        """The mixed loss; the KL is averaged over the positions whose target counts (y != -1), as the
+        cross-entropy is: all of them for text, the assistant's tokens for conversations (not the user's
+        turns, nor the padding after the last conversation of a row)."""
         with torch.no_grad():
             teacher_logits, _ = self.model(x)
         T = self.temperature
-        kl = torch.nn.functional.kl_div((student_logits.float() / T).log_softmax(-1).flatten(0, 1),
-                                        (teacher_logits.float() / T).log_softmax(-1).flatten(0, 1),
-                                        log_target=True, reduction="batchmean")
+        kl = torch.nn.functional.kl_div((student_logits.float() / T).log_softmax(-1),
+                                        (teacher_logits.float() / T).log_softmax(-1),
+                                        log_target=True, reduction="none").sum(-1)  # [B, T]
+        kept = y != -1
+        kl = (kl * kept).sum() / kept.sum().clamp(min=1)
         return (1 - self.weight) * cross_entropy + self.weight * T * T * kl
