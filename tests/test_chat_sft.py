@@ -305,6 +305,17 @@ def test_two_processes_fine_tune_as_one(base, chat_file, tmp_path):
         assert list(one) == list(two) and list(two.values()) == pytest.approx(list(one.values()), abs=2e-5)
 
 
+def test_micro_steps_weigh_every_assistant_token_alike(base, chat_shards, tmp_path, single_thread):
+    """Rows hold different numbers of assistant tokens: 2 micro-steps of 2 rows train as 1 step of 4 rows
+    (a mean over all the step's targets, not a mean of the micro-steps' means)."""
+    curves = {}
+    for name, batch in (("whole", ["--train.batch_size=4"]), ("accum", ["--train.batch_size=2", "--train.grad_accum=2"])):
+        train(tiny_config(chat_shards, tmp_path / name, f"--train.init_from={str(base)!r}", "--train.max_steps=4", *batch),
+              verbose=False)
+        curves[name] = metrics(tmp_path / name, "loss")
+    assert list(curves["accum"].values()) == pytest.approx(list(curves["whole"].values()), abs=1e-6)
+
+
 def test_the_validator_pads_conversation_batches_under_fsdp(chat_shards, single_thread):
     from dataclasses import replace
 

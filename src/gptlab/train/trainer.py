@@ -61,7 +61,7 @@ from gptlab.train.metrics import (
 )
 from gptlab.train.optim import build_optimizer, learning_rate
 from gptlab.train.signals import StopSignals
-from gptlab.train.step import TrainStep
+from gptlab.train.step import GlobalTargets, TrainStep
 from gptlab.train.validator import Validator
 
 # Typical model FLOP utilisation, used only for the start-up line's time estimate (the bar's ETA is measured).
@@ -113,6 +113,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool, verbose: bool, dist: distributed.Dist):
         from gptlab.data import check_tokenizer, load_meta, training_loader
+        from gptlab.data.conversations import is_chat_data
         from gptlab.model import build_model
         from gptlab.tokenizer import load_tokenizer
 
@@ -176,8 +177,10 @@ class Trainer:
         self.peak = (t.peak_flops or dist.on_main(lambda: peak_flops(self.device, DTYPES[self.precision]))) * dist.world_size
         self.compile = dist.pick_compile(t.compile, self.expected_seconds())
         self.teacher = preflight.load_teacher(cfg, self.tokenizer, self.data_dir, self.device) if t.teacher else None
+        # conversations: batches hold different numbers of targets; each step's loss is the mean over all of them
+        targets = GlobalTargets(self.device, dist.world_size, dist.sum_) if is_chat_data(self.meta) else None
         self.train_step = TrainStep(self.wrapped, self.optimizer, self.device, self.precision, t.grad_clip, self.compile,
-                                    self.teacher)
+                                    self.teacher, targets)
         if state.get("scaler") and self.train_step.scaler:
             self.train_step.scaler.load_state_dict(state["scaler"])
         # Dropout draws from here on, so last (measuring the peak and building the teacher draw random numbers):
