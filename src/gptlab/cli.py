@@ -42,6 +42,8 @@ ALIASES: dict[str, dict[str, str]] = {
     "model info": {"--batch-size -b": "train.batch_size"},
     "train": {"--data-dir -d": "train.data_dir", "--run -r": "train.run_dir", "--nproc": "train.nproc",
               "--distributed": "train.distributed"},
+    "sft": {"--run-dir --run -r": "train.run_dir", "--nproc": "train.nproc", "--lora-rank": "train.lora_rank",
+            "--teacher": "train.teacher"},
     "sample": {"--prompt -p": "sample.prompts", "--max-new-tokens -n": "sample.max_new_tokens",
                "--temperature -t": "sample.temperature", "--top-k": "sample.top_k", "--top-p": "sample.top_p",
                "--num-samples": "sample.num_samples", "--seed": "sample.seed"},
@@ -499,6 +501,60 @@ def _train(args) -> int:
     return 130 if summary["stopped"] == "interrupted" else 0
 
 
+def _add_sft_commands(sub) -> None:
+    p = _parser(
+        sub,
+        "sft",
+        "fine-tune a trained run on conversations into a chat model (loss on the assistant's tokens only)",
+        """
+        gptlab sft --base runs/stories --data chat.jsonl --run-dir runs/stories-chat
+        gptlab sft --base runs/stories --data chat.jsonl --val-data held_out.jsonl --epochs 5 --train.lr=1e-4
+        gptlab sft --base runs/stories --data chat.jsonl --lora-rank 8            # LoRA: the blocks frozen
+        gptlab sft --base runs/stories --data chat.jsonl --nproc 2                # 2 processes (DDP)
+        gptlab sft --base runs/small --data chat.jsonl --teacher runs/big-chat    # with logit distillation
+        gptlab sft --resume runs/stories-chat                                     # continue exactly where it stopped
+        gptlab train --data-dir runs/stories-chat/data --run runs/again --train.init_from=runs/stories --profile=sft --train.max_steps=300
+        """,
+        description="Adds the chat tokens (<|system|>, <|user|>, <|assistant|>, <|end|>) to the base run's tokenizer, "
+        "renders the conversations (JSON lines: messages [{role, content}], ShareGPT conversations, Alpaca "
+        "{instruction, input, output} or {prompt, completion}) into RUN/data with a loss mask on the assistant's "
+        "tokens, and trains from the base's weights (its embedding grown by the chat tokens' rows, each the mean "
+        "of the trained ones) with `gptlab train`: checkpoints, metrics.csv, plots, --resume, --nproc and "
+        "train.teacher work as there. Defaults: --profile=sft (AdamW, lr 3e-4, a 5%% warm-up, linear decay, the "
+        "whole validation split every tenth of the run) under the base's machine and batch settings, "
+        "--epochs 3 over the conversations packed whole into rows. A conversation longer than the context is "
+        "an error that names it.",
+    )
+    p.add_argument("--base", metavar="RUN", help="the trained run to fine-tune (its best checkpoint) or a checkpoint folder")
+    p.add_argument("--data", action="append", metavar="FILE", help="conversations (.jsonl/.json/.parquet; repeatable), "
+                   "or a folder gptlab sft prepared them into (RUN/data)")
+    p.add_argument("--val-data", action="append", metavar="FILE", help="held-out conversations (default: "
+                   "data.val_fraction of --data's, by conversation)")
+    p.add_argument("--epochs", type=float, metavar="N", help="passes over the training conversations (default 3; "
+                   "or set train.max_steps)")
+    p.add_argument("--resume", metavar="RUN", help="continue a fine-tuning run from its last checkpoint (overrides apply on top)")
+    p.set_defaults(func=_sft)
+
+
+def _sft(args) -> int:
+    from gptlab.chat.sft import finetune, resume
+
+    overrides = [*_aliases(args), *args.overrides]
+    if args.resume:
+        if args.base or args.data or args.val_data or args.epochs or args.config or "train.run_dir" in vars(args):
+            raise GptlabError("--resume continues a run with its own config.toml and data",
+                              "drop --base/--data/--epochs/--config/--run-dir; change settings with overrides such as --train.max_steps=400")
+        summary = resume(args.resume, overrides, verbose=not args.quiet)
+    else:
+        if not args.base or not args.data:
+            raise GptlabError(f"gptlab sft needs {'--base RUN' if not args.base else '--data CONVERSATIONS.jsonl'}",
+                              "e.g. gptlab sft --base runs/stories --data chat.jsonl (or --resume RUN)")
+        summary = finetune(args.base, args.data, vars(args).get("train.run_dir"), val_data=args.val_data,
+                           overrides=overrides, epochs=args.epochs, config=args.config, verbose=not args.quiet)
+    _say(args, f"talk to it: gptlab chat {summary['run_dir']}")
+    return 130 if summary["stopped"] == "interrupted" else 0
+
+
 def _load_for_sampling(args, extra: list[Override] = ()):
     """(model, tokenizer, the run's config, the settings) of `sample` and `chat`: the run's [sample] lies under
     the flags and overrides; its [data] says how a text starts."""
@@ -935,7 +991,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__import__('gptlab').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_tokenizer_commands, _add_data_commands, _add_model_commands, _add_train_commands,
-                _add_evaluate_commands, _add_distill_commands, _add_bench_commands, _add_speedrun_commands,
+                _add_sft_commands, _add_evaluate_commands, _add_distill_commands, _add_bench_commands, _add_speedrun_commands,
                 _add_export_commands, _add_config_commands):
         add(sub)
     return parser

@@ -390,6 +390,10 @@ class TrainConfig(Section):
     """how several processes share the model: ddp = a whole model per process, fsdp = each holds a shard"""
     dist_timeout: float = Field(600.0, gt=0)
     """seconds a process waits for the others before it gives up"""
+    lora_rank: int = Field(0, ge=0)
+    """fine-tune low-rank adapters of this rank on the blocks' linear maps (LoRA; with init_from), the blocks frozen; 0 = every weight"""
+    lora_alpha: float = Field(16.0, gt=0)
+    """LoRA's update is scaled by lora_alpha / lora_rank"""
 
     @model_validator(mode="before")
     @classmethod
@@ -492,6 +496,15 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
     "cpu-fast": {
         "train": {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.3, "lr": 1.2e-2, "min_lr_ratio": 0.1,
                   "warmup_steps": 50},
+    },
+    # gptlab sft's defaults (chat/sft.py): fine-tuning a pretrained model on conversations. AdamW at a
+    # learning rate well below pretraining's (tiny presets pretrain at 1e-3 to 3e-3), a short warm-up (sft
+    # sets it to 5% of the run), a linear decay to a low floor, and the whole validation split at every
+    # evaluation (held-out conversations are few). The rate is measured in benchmarks/SPEEDRUN.md's way on
+    # TinyStories instructions: see chat/sft.py.
+    "sft": {
+        "train": {"optimizer": "adamw", "lr": 3e-4, "schedule": "linear", "min_lr_ratio": 0.05, "warmup_steps": 10,
+                  "weight_decay": 0.0, "eval_batches": None},
     },
 }
 

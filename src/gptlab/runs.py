@@ -182,14 +182,44 @@ def unique_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+def load_weights(model: torch.nn.Module, checkpoint: Path, grow: bool = False) -> None:
+    """The checkpoint's weights into `model`. grow: the model's vocabulary may extend the checkpoint's
+    (a tokenizer with tokens added after its last id, as the chat tokens are): see grow_vocab."""
     path = checkpoint / WEIGHTS
     device = next(model.parameters()).device
     try:
         weights = load_file(str(path), device=str(device))
     except (SafetensorError, OSError) as e:
         raise _damaged(path, e) from None
+    if grow:
+        weights = grow_vocab(weights, model.cfg.vocab_size)
     model.load_weights(weights, source=str(path))
+
+
+VOCAB_MATRICES = ("tok_emb.weight", "lm_head.weight")  # [V, D]: one row per token (the head's, when untied)
+
+
+def grow_vocab(weights: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """`weights` with the token embedding (and an untied output head) grown to `vocab_size` rows: the old rows
+    as they were, every new row the mean of the old ones.
+
+    Why the mean (Hewitt 2021, "Initializing new word embeddings for pretrained language models"; transformers'
+    resize_token_embeddings starts new rows around the mean too, mean_resizing=True since 4.46): a new row drawn at random, as a fresh model's,
+    can have a larger dot product with the hidden states than any trained row, so the new tokens would take
+    much of the probability at once and the first steps of fine-tuning are spent undoing that. As the output
+    row, the mean gives a new token the mean of the old tokens' logits, so the model's distribution over the
+    old vocabulary barely moves; as the input row, it is an average token, inside the region the blocks were
+    trained on. The new rows start equal; each token's own gradients (a role token is read, <|end|> is
+    written) set them apart in the first steps.
+    """
+    out = dict(weights)
+    for name in VOCAB_MATRICES:
+        old = weights.get(name)
+        if old is None or old.size(0) >= vocab_size:
+            continue
+        new_rows = old.float().mean(0, keepdim=True).to(old.dtype).expand(vocab_size - old.size(0), -1)
+        out[name] = torch.cat([old, new_rows])
+    return out
 
 
 def load_state(checkpoint: Path, device: torch.device) -> dict:

@@ -245,10 +245,13 @@ class ConversationLoader:
             epoch += 1
         return self._epoch_rows(epoch)[g - self._first_row[epoch]]
 
+    def rows_per_epoch(self, epoch: int = 0) -> int:
+        """Rows the conversations pack into in that epoch's order (first fit: about the same every epoch)."""
+        return len(self._epoch_rows(epoch))
+
     @property
     def epoch(self) -> float:
-        rows_per_epoch = len(self._epoch_rows(0))
-        return self.step * self.batch_size * self.world_size / rows_per_epoch
+        return self.step * self.batch_size * self.world_size / self.rows_per_epoch()
 
     def next_batch(self) -> tuple["torch.Tensor", "torch.Tensor"]:
         first = (self.step * self.world_size + self.rank) * self.batch_size

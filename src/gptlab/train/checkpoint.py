@@ -36,6 +36,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,7 +58,9 @@ from gptlab.runs import (
 )
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, info: dict) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, state: dict, info: dict,
+                    weights: dict | None = None) -> Path:
+    """`weights`: what model.safetensors holds, if not the model's own tensors (a LoRA run's, merged)."""
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -66,7 +69,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, stat
     _remove_stale(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        _write_files(tmp, unique_tensors(model), state, info)
+        _write_files(tmp, unique_tensors(model) if weights is None else weights, state, info)
         _rename_durably(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,12 +106,14 @@ class Checkpointer:
     the disk, and load one back into the model and optimizer.
 
     `about` is what every checkpoint.json records besides step, tokens and val_loss (model config, tokenizer
-    checksum, data fingerprint). Only the main process writes files; every rank calls save and finish.
+    checksum, data fingerprint). `plain()`, where given, gives the weights model.safetensors holds instead of
+    the model's own (a LoRA run's adapters merged; one process only). Only the main process writes files;
+    every rank calls save and finish.
     """
 
     def __init__(self, run_dir: Path, keep_last: int, dist, model: torch.nn.Module, wrapped: torch.nn.Module,
-                 optimizer, weight_names: list[str], about: dict):
-        self.run_dir, self.keep_last, self.dist, self.about = Path(run_dir), keep_last, dist, about
+                 optimizer, weight_names: list[str], about: dict, plain: Callable[[], dict] | None = None):
+        self.run_dir, self.keep_last, self.dist, self.about, self.plain = Path(run_dir), keep_last, dist, about, plain
         self.model, self.wrapped, self.optimizer, self.weight_names = model, wrapped, optimizer, weight_names
         self.last: Path | None = None  # the newest checkpoint, finished or being finished
         self._saving: ShardedSave | None = None
@@ -124,7 +129,7 @@ class Checkpointer:
         state = {**state, "rng": self.dist.gather(rng_state())}
         if self.dist.mode is None:
             state["optimizer"] = self.optimizer.state_dict()
-            path = save_checkpoint(self.run_dir, step, self.model, state, info)
+            path = save_checkpoint(self.run_dir, step, self.model, state, info, self.plain() if self.plain else None)
             self._done(path, best, val_loss)
             return path
         self._saving = save_sharded(self.run_dir, step, self.wrapped, self.optimizer, state, info,

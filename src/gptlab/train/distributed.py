@@ -160,6 +160,10 @@ def check_config(cfg: TrainConfig, world_size: int, precision: str | None = None
         raise GptlabError("train.optimizer=muon cannot run under train.distributed=fsdp: Muon orthogonalises whole "
                           "matrices and FSDP gives each process a slice of them",
                           "use --train.distributed=ddp with Muon, or train.optimizer=adamw with FSDP")
+    if cfg.lora_rank:
+        raise GptlabError(f"train.lora_rank={cfg.lora_rank} trains in one process, not {world_size}",
+                          "fine-tune with LoRA in one process (it is for memory, not speed), or fully "
+                          "(train.lora_rank=0) on several")
     if cfg.distributed == "fsdp" and precision == "fp16":
         raise GptlabError("train.precision=fp16 is not supported with train.distributed=fsdp",
                           "use train.precision=bf16 (FSDP keeps fp32 master weights and reduces in fp32)")

@@ -39,13 +39,35 @@ def check_length(t: TrainConfig) -> None:
 
 
 def init_from_checkpoint(t: TrainConfig, tokenizer, data_dir: Path) -> Path:
+    """train.init_from's checkpoint, which must have been trained with the shards' tokenizer -- or with the one
+    the shards' tokenizer extends by the chat tokens (fine-tuning a base model into a chat model: the embedding
+    grows for them, see runs.grow_vocab)."""
     source = runs.find_checkpoint(t.init_from, "best")
-    if runs.read_info(source).get("tokenizer_checksum") != tokenizer.checksum:
+    made_with = runs.read_info(source).get("tokenizer_checksum")
+    if made_with != tokenizer.checksum and not _adds_chat_tokens(source, tokenizer):
         raise GptlabError(
             f"train.init_from={t.init_from} was trained with another tokenizer than the shards in {data_dir}",
-            f"prepare the new data with {runs.run_dir_of(source) / 'tokenizer.json'} (gptlab data prepare)",
+            f"prepare the new data with {runs.run_dir_of(source) / 'tokenizer.json'} (gptlab data prepare), "
+            "or fine-tune it on conversations with gptlab sft",
         )
     return source
+
+
+def _adds_chat_tokens(checkpoint: Path, tokenizer) -> bool:
+    """Whether `tokenizer` is the checkpoint's own with the chat tokens (and template) added, exactly."""
+    from gptlab.tokenizer import load_tokenizer
+    from gptlab.tokenizer.chat import with_chat_tokens
+
+    path = runs.run_dir_of(checkpoint) / "tokenizer.json"
+    if not path.is_file():
+        return False
+    base = load_tokenizer(path)
+    if base.checksum != runs.read_info(checkpoint).get("tokenizer_checksum"):
+        return False  # not the tokenizer the checkpoint was trained with; load_run says so where it matters
+    try:
+        return with_chat_tokens(base).checksum == tokenizer.checksum
+    except GptlabError:  # a tokenizer that cannot take them (SentencePiece): another tokenizer
+        return False
 
 
 def model_config_for(model: ModelConfig, tokenizer, init_from: Path | None) -> ModelConfig:
@@ -53,11 +75,22 @@ def model_config_for(model: ModelConfig, tokenizer, init_from: Path | None) -> M
 
     if init_from:  # continuing a trained model: its architecture, whatever [model] says
         model = ModelConfig.model_validate(runs.read_info(init_from)["model"])
+        if model.vocab_size < tokenizer.vocab_size:  # the chat tokens added (init_from_checkpoint allowed no other)
+            model = model.model_copy(update={"vocab_size": tokenizer.vocab_size})
     return check_vocab(model, tokenizer)
 
 
-def check_resumable(checkpoint: Path, model: ModelConfig, meta: dict, run_dir: Path, data_dir: Path) -> None:
+def check_lora(t: TrainConfig, resume: bool) -> None:
+    if not (t.init_from or resume):
+        raise GptlabError(f"train.lora_rank={t.lora_rank} adapts a trained model, and this run starts from random weights",
+                          "set train.init_from=RUN (gptlab sft --base RUN does), or train.lora_rank=0")
+
+
+def check_resumable(checkpoint: Path, model: ModelConfig, meta: dict, run_dir: Path, data_dir: Path, lora_rank: int = 0) -> None:
     info = runs.read_info(checkpoint)
+    if info.get("lora_rank", 0) != lora_rank:  # a LoRA run resumes with its adapters, a full fine-tuning without
+        raise GptlabError(f"checkpoint {checkpoint} was trained with train.lora_rank={info.get('lora_rank', 0)}, not {lora_rank}",
+                          f"resume with --train.lora_rank={info.get('lora_rank', 0)} (the run's own setting)")
     changed = runs.model_config_diff(info["model"], config_to_dict(model))
     if changed:
         raise GptlabError(f"checkpoint {checkpoint} is another architecture: {', '.join(changed)}",
@@ -71,19 +104,28 @@ def check_resumable(checkpoint: Path, model: ModelConfig, meta: dict, run_dir: P
 
 
 def check_splits(cfg: Config, meta: dict, data_dir: Path) -> tuple[bool, float | None]:
-    """(whether there is a validation split of at least one window, its bytes per token)."""
+    """(whether there is a validation split of at least one window, its bytes per token).
+
+    Conversations are packed whole into padded rows, so one conversation makes a batch; their validation
+    loss is over the assistant's tokens (the targets), and bits per byte over the bytes of its replies."""
+    from gptlab.data.conversations import is_chat_data
+
     window = cfg.model.context_length + 1
     splits = meta["splits"]
-    train_tokens = splits.get("train", {}).get("tokens", 0)
-    if train_tokens < window:
-        raise GptlabError(f"the training split of {data_dir} has {train_tokens:,} tokens, fewer than one window of {window}",
-                          "lower model.context_length or add data")
-    val = splits.get("val", {})
-    has_val = val.get("tokens", 0) >= window
+    train, val = splits.get("train", {}), splits.get("val", {})
+    if is_chat_data(meta):
+        if not train.get("targets"):
+            raise GptlabError(f"the training split of {data_dir} holds no assistant tokens to learn", "add conversations")
+        has_val, scored, need = bool(val.get("targets")), "targets", "one conversation with an assistant turn"
+    else:
+        if train.get("tokens", 0) < window:
+            raise GptlabError(f"the training split of {data_dir} has {train.get('tokens', 0):,} tokens, fewer than one "
+                              f"window of {window}", "lower model.context_length or add data")
+        has_val, scored, need = val.get("tokens", 0) >= window, "tokens", f"{window} tokens"
     if not has_val and cfg.train.early_stop_patience:
-        raise GptlabError(f"early stopping needs a validation split of at least {window} tokens; {data_dir} has {val.get('tokens', 0):,}",
+        raise GptlabError(f"early stopping needs a validation split of at least {need}; {data_dir} has {val.get(scored, 0):,} {scored}",
                           "raise data.val_fraction (or add data.val_sources), or set train.early_stop_patience=0")
-    return has_val, (val["bytes"] / val["tokens"] if val.get("bytes") and val.get("tokens") else None)
+    return has_val, (val["bytes"] / val[scored] if val.get("bytes") and val.get(scored) else None)
 
 
 def load_teacher(cfg: Config, tokenizer, data_dir: Path, device):

@@ -29,10 +29,11 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str, grad_clip: float = 1.0, compile: bool = False, teacher: "Teacher | None" = None):
+                 precision: str, grad_clip: float = 1.0, compile: bool = False, teacher: "Teacher | None" = None,
+                 targets: "GlobalTargets | None" = None):
         self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
         self.forward = torch.compile(model) if compile else model
-        self.teacher = teacher
+        self.teacher, self.targets = teacher, targets
         self.grad_clip = grad_clip or math.inf  # inf: only measure the norm
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -42,17 +43,18 @@ class TrainStep:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         no_sync = getattr(self.model, "no_sync", None)  # DDP
-        for i in range(grad_accum):
-            x, y = next_batch()
+        batches = [next_batch() for _ in range(grad_accum)]
+        weights = self.targets.weights([y for _, y in batches]) if self.targets else [1.0 / grad_accum] * grad_accum
+        for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with no_sync() if no_sync and i < grad_accum - 1 else contextlib.nullcontext():
                 with record_function("forward"), autocast(self.device, self.precision):
                     if self.teacher:
                         logits, loss = self.forward(x, y, return_logits=True)
-                        loss = self.teacher.loss(x, logits, loss)
+                        loss = self.teacher.loss(x, y, logits, loss)
                     else:
                         _, loss = self.forward(x, y)
-                loss = loss / grad_accum
+                loss = loss / grad_accum if self.targets is None else loss * weights[i]
                 with record_function("backward"):
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
@@ -72,6 +74,26 @@ class TrainStep:
         return total, grad_norm
 
 
+class GlobalTargets:
+    """Weights that make a step's loss the mean over every target of the global batch, where batches hold
+    different numbers of targets (conversations: the assistant's tokens).
+
+    Each micro-batch's loss is the mean over its own targets, and the gradients are averaged over the
+    micro-steps and the ranks (DDP/FSDP): a mean of means, which weighs a target of a sparse batch more than
+    one of a dense batch, and so differs with the number of processes and grad_accum. Weighing micro-batch i
+    of a rank by n_i x world_size / N (N: the targets of all micro-batches of all ranks, one tiny all-reduce
+    a step, kept on the device) gives every target the weight 1/N: the same step on any number of processes.
+    """
+
+    def __init__(self, device: torch.device, world_size: int = 1, reduce: Callable | None = None):
+        self.device, self.world_size, self.reduce = device, world_size, reduce or (lambda t: t)
+
+    def weights(self, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        kept = torch.stack([(y != -1).sum() for y in targets]).to(self.device, torch.float32)
+        total = self.reduce(kept.sum()).clamp(min=1)  # a step without a target leaves the model as it is
+        return list(kept * self.world_size / total)
+
+
 class Teacher:
     """Logit distillation: mixes the student's cross-entropy with the temperature-softened KL divergence from a
     frozen teacher's next-token distributions (Hinton et al. 2015; T^2 keeps the gradients' scale across T)."""
@@ -79,11 +101,16 @@ class Teacher:
     def __init__(self, model: torch.nn.Module, weight: float, temperature: float):
         self.model, self.weight, self.temperature = model.eval().requires_grad_(False), weight, temperature
 
-    def loss(self, x: torch.Tensor, student_logits: torch.Tensor, cross_entropy: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor, cross_entropy: torch.Tensor) -> torch.Tensor:
+        """The mixed loss; the KL is averaged over the positions whose target counts (y != -1), as the
+        cross-entropy is: all of them for text, the assistant's tokens for conversations (not the user's
+        turns, nor the padding after the last conversation of a row)."""
         with torch.no_grad():
             teacher_logits, _ = self.model(x)
         T = self.temperature
-        kl = torch.nn.functional.kl_div((student_logits.float() / T).log_softmax(-1).flatten(0, 1),
-                                        (teacher_logits.float() / T).log_softmax(-1).flatten(0, 1),
-                                        log_target=True, reduction="batchmean")
+        kl = torch.nn.functional.kl_div((student_logits.float() / T).log_softmax(-1),
+                                        (teacher_logits.float() / T).log_softmax(-1),
+                                        log_target=True, reduction="none").sum(-1)  # [B, T]
+        kept = y != -1
+        kl = (kl * kept).sum() / kept.sum().clamp(min=1)
         return (1 - self.weight) * cross_entropy + self.weight * T * T * kl

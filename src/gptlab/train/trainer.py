@@ -48,6 +48,7 @@ from gptlab.config import Config, Override, config_to_dict
 from gptlab.device import DTYPES, cpu_count, peak_flops, pick_precision, set_threads
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json, make_dirs
+from gptlab.model import lora
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed, preflight
 from gptlab.train.clock import RunClock
@@ -60,7 +61,7 @@ from gptlab.train.metrics import (
 )
 from gptlab.train.optim import build_optimizer, learning_rate
 from gptlab.train.signals import StopSignals
-from gptlab.train.step import TrainStep
+from gptlab.train.step import GlobalTargets, TrainStep
 from gptlab.train.validator import Validator
 
 # Typical model FLOP utilisation, used only for the start-up line's time estimate (the bar's ETA is measured).
@@ -112,6 +113,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, resume: bool, verbose: bool, dist: distributed.Dist):
         from gptlab.data import check_tokenizer, load_meta, training_loader
+        from gptlab.data.conversations import is_chat_data
         from gptlab.model import build_model
         from gptlab.tokenizer import load_tokenizer
 
@@ -127,7 +129,7 @@ class Trainer:
         init_from = preflight.init_from_checkpoint(t, self.tokenizer, self.data_dir) if t.init_from and not resume else None
         cfg.model = preflight.model_config_for(cfg.model, self.tokenizer, init_from)
         if resume_from:
-            preflight.check_resumable(resume_from, cfg.model, self.meta, self.run_dir, self.data_dir)
+            preflight.check_resumable(resume_from, cfg.model, self.meta, self.run_dir, self.data_dir, t.lora_rank)
         has_val, val_bytes_per_token = preflight.check_splits(cfg, self.meta, self.data_dir)
 
         # ---- the machine (the processes of a node share its cores)
@@ -141,8 +143,11 @@ class Trainer:
         self.model = build_model(cfg.model, self.device)
         # Weights from a single-process checkpoint go in before the model is spread over the ranks.
         weights_from = init_from or (resume_from if resume_from and not ckpt.is_sharded(resume_from) else None)
-        if weights_from:
-            runs.load_weights(self.model, weights_from)
+        if weights_from:  # a base model's vocabulary grows by the chat tokens where the shards' tokenizer added them
+            runs.load_weights(self.model, weights_from, grow=bool(init_from))
+        if t.lora_rank:  # the blocks frozen, adapters on their linear maps; checkpoints hold them merged
+            preflight.check_lora(t, resume)
+            lora.add_adapters(self.model, t.lora_rank, t.lora_alpha)
         self.flops_per_token = self.model.flops_per_token()
         weight_names = list(runs.unique_tensors(self.model))  # what model.safetensors keeps (before FSDP shards it)
         # self.model is the GPT (sharded in place under FSDP); self.wrapped is what the training step runs.
@@ -154,9 +159,9 @@ class Trainer:
                                   rank=dist.rank, world_size=dist.world_size)
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length
         about = {"model": config_to_dict(cfg.model), "tokenizer_checksum": self.tokenizer.checksum,
-                 "data_fingerprint": preflight.data_fingerprint(self.meta)}
+                 "data_fingerprint": preflight.data_fingerprint(self.meta), **({"lora_rank": t.lora_rank} if t.lora_rank else {})}
         self.checkpointer = ckpt.Checkpointer(self.run_dir, t.keep_last, dist, self.model, self.wrapped, self.optimizer,
-                                              weight_names, about)
+                                              weight_names, about, plain=self._plain_weights if t.lora_rank else None)
         self.validator = Validator(self.model, self.data_dir, cfg.model.context_length, t.batch_size, t.eval_batches,
                                    t.early_stop_patience, self.precision, dist, has_val, val_bytes_per_token)
         state = self.checkpointer.load(resume_from) if resume_from else {}
@@ -165,13 +170,17 @@ class Trainer:
         if state:
             self.loader.load_state_dict(_loader_state_for(state["loader"], self.loader))
             self.validator.load_state_dict(state)
+            if t.lora_rank:  # the frozen weights and adapters: the checkpoint's weights are their merged sum
+                lora.load_adapter_state(self.model, state["lora"])
 
         # MFU is measured against every device's peak; rank 0 measures it and decides compile for all.
         self.peak = (t.peak_flops or dist.on_main(lambda: peak_flops(self.device, DTYPES[self.precision]))) * dist.world_size
         self.compile = dist.pick_compile(t.compile, self.expected_seconds())
         self.teacher = preflight.load_teacher(cfg, self.tokenizer, self.data_dir, self.device) if t.teacher else None
+        # conversations: batches hold different numbers of targets; each step's loss is the mean over all of them
+        targets = GlobalTargets(self.device, dist.world_size, dist.sum_) if is_chat_data(self.meta) else None
         self.train_step = TrainStep(self.wrapped, self.optimizer, self.device, self.precision, t.grad_clip, self.compile,
-                                    self.teacher)
+                                    self.teacher, targets)
         if state.get("scaler") and self.train_step.scaler:
             self.train_step.scaler.load_state_dict(state["scaler"])
         # Dropout draws from here on, so last (measuring the peak and building the teacher draw random numbers):
@@ -267,9 +276,14 @@ class Trainer:
     def _checkpoint(self, result: dict | None) -> None:
         state = {"step": self.step, "tokens": self.tokens, "elapsed": self.clock.elapsed(),
                  "scaler": self.train_step.scaler.state_dict() if self.train_step.scaler else {},
-                 "loader": self.loader.state_dict(), **self.validator.state_dict()}
+                 "loader": self.loader.state_dict(), **self.validator.state_dict(),
+                 **({"lora": lora.adapter_state(self.model)} if self.cfg.train.lora_rank else {})}
         self.checkpointer.save(self.step, self.tokens, state, result and result["loss"], bool(result and result["best"]))
         self.metrics.plot(self.run_dir)
+
+    def _plain_weights(self) -> dict:
+        """What model.safetensors holds in a LoRA run: the adapters merged into their matrices."""
+        return lora.merged_weights(self.model, runs.unique_tensors(self.model))
 
     def _sample(self, interval: Interval) -> None:
         from gptlab.generate import generate

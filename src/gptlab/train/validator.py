@@ -1,7 +1,9 @@
 """Validation while training: the loss over the validation split, bits per byte, and patience.
 
 Distributed, each rank scores its share of the same windows and the sums are all-reduced, so the loss is the
-single-process one, on every rank.
+single-process one, on every rank. A chat run's validation split is its held-out conversations, packed whole
+into rows in order; its loss is the mean over the assistant's tokens (the targets the loss mask keeps), each
+scored once.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from gptlab.train.metrics import Diverged
 
 
 class Validator:
-    """Scores `model` on train.eval_batches batches of consecutive windows of the val split (None: all of it);
+    """Scores `model` on train.eval_batches batches of consecutive windows (or packed conversations) of the val
+    split (None: all of it);
     keeps the best loss so far and how many evaluations ago it was (early stopping's patience).
 
     `has_val`: the data has a validation split of at least one window. `bytes_per_token` is the whole val split's ratio: bits per byte = loss * tokens / (ln 2 * bytes).
@@ -36,6 +39,8 @@ class Validator:
         if not self.has_val:
             return None
         result = self.evaluate()
+        if result is None:  # nothing scored (no target in the split): no validation, as without a split
+            return None
         if not math.isfinite(result["loss"]):
             raise Diverged(f"the validation loss is {result['loss']} at step {step}")
         result["best"] = result["loss"] < self.best_val_loss  # strictly better: a tie keeps the earlier best
@@ -50,19 +55,25 @@ class Validator:
         return bool(self.patience) and self.evals_since_best >= self.patience
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self) -> dict | None:
+        """{"loss", "perplexity", "bpb"?}: the mean loss over every target scored (conversations: over the
+        assistant's tokens, each once), on all ranks together; None where no target was scored."""
         device = self.dist.device
         self.model.eval()
         total, count = torch.zeros((), device=device), 0
         for x, y in self.batches():
+            kept = 0 if y is None else int((y != -1).sum())
             with autocast(device, self.precision):
-                _, loss = self.model(x.to(device), None if y is None else y.to(device))
-            if y is not None:  # the loss is the mean over the targets kept (conversations: the assistant's tokens)
-                kept = int((y != -1).sum())
+                # every rank runs the forward pass (FSDP gathers weights in it); a batch without targets
+                # is not scored: its mean loss is 0/0 = NaN, which times 0 targets is still NaN
+                _, loss = self.model(x.to(device), y.to(device) if kept else None)
+            if kept:
                 total += loss.float() * kept
                 count += kept
         self.model.train()
         loss_sum, count = self.dist.sum_(torch.tensor([total.item(), count], dtype=torch.float64)).tolist()
+        if not count:
+            return None
         loss = loss_sum / count
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         if self.bytes_per_token:
@@ -73,14 +84,13 @@ class Validator:
         """This rank's validation batches. Under FSDP every rank must run as many forward passes as the others
         (each gathers weights from all), so a rank that runs out repeats its last batch with no weight."""
         from gptlab.data import iter_eval_batches
-        from gptlab.data.loader import TokenSplit
 
         size, T, world = self.batch_size // self.dist.world_size, self.context_length, self.dist.world_size
         batches = iter_eval_batches(self.data_dir, "val", size, T, self.eval_batches, self.dist.rank, world)
         if self.dist.mode != "fsdp":
             yield from batches
             return
-        total = math.ceil(((len(TokenSplit(self.data_dir, "val")) - 1) // T) / size)
+        total = math.ceil(self._rows() / size)
         if self.eval_batches:
             total = min(total, self.eval_batches * world)
         x = torch.zeros((1, T), dtype=torch.long)
@@ -91,6 +101,16 @@ class Validator:
             else:
                 x = batch[0]
                 yield batch
+
+    def _rows(self) -> int:
+        """Rows of the whole val split, as iter_eval_batches cuts it: packed conversations, or windows of text."""
+        from gptlab.data.conversations import eval_rows, is_chat_data
+        from gptlab.data.loader import TokenSplit
+        from gptlab.data.meta import META_FILE, load_meta
+
+        if (self.data_dir / META_FILE).exists() and is_chat_data(load_meta(self.data_dir)):
+            return len(eval_rows(self.data_dir, "val", self.context_length)[1])
+        return (len(TokenSplit(self.data_dir, "val")) - 1) // self.context_length
 
     def state_dict(self) -> dict:
         return {"best_val_loss": self.best_val_loss, "evals_since_best": self.evals_since_best}
