@@ -239,7 +239,7 @@ def test_sft_writes_a_chat_run_whose_assistant_loss_falls(sft_run, base, chat_fi
     val = metrics(sft_run, "val_loss")
     assert len(val) == 10 and list(val.values())[-1] < list(val.values())[0]  # held-out assistant tokens
     cfg = runs.load_run_config(sft_run)
-    assert cfg.train.init_from == str(base.resolve()) and cfg.train.lr == 3e-4 and cfg.train.schedule == "linear"
+    assert cfg.train.init_from == str(base.resolve()) and cfg.train.lr == 3e-3 and cfg.train.schedule == "linear"
     assert cfg.train.eval_batches is None and cfg.train.batch_size == 4  # the profile; the base's batch
     model, tok, _ = runs.load_run(sft_run)
     assert model.cfg.vocab_size == 404
@@ -278,6 +278,14 @@ def test_the_python_api_and_a_prepared_folder(sft_run, base, tmp_path, single_th
     assert summary["steps"] == -(-2 * summary["rows_per_epoch"] // 4)
     assert not (tmp_path / "again" / "data").exists()
     assert runs.load_run_config(tmp_path / "again").train.lr == 1e-4
+
+
+def test_epochs_and_a_step_limit_are_one_or_the_other(base, chat_file, tmp_path):
+    with pytest.raises(GptlabError, match="--epochs=2 and train.max_steps both set the run's length"):
+        finetune(base, chat_file, tmp_path / "run", epochs=2, overrides=["--train.max_steps=3"], verbose=False)
+    with pytest.raises(GptlabError, match="is not a positive number"):
+        finetune(base, chat_file, tmp_path / "run", epochs=0, verbose=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_distillation_from_a_chat_teacher(sft_run, base, chat_file, tmp_path, single_thread):

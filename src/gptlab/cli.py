@@ -520,10 +520,11 @@ def _add_sft_commands(sub) -> None:
         "{instruction, input, output} or {prompt, completion}) into RUN/data with a loss mask on the assistant's "
         "tokens, and trains from the base's weights (its embedding grown by the chat tokens' rows, each the mean "
         "of the trained ones) with `gptlab train`: checkpoints, metrics.csv, plots, --resume, --nproc and "
-        "train.teacher work as there. Defaults: --profile=sft (AdamW, lr 3e-4, a 5%% warm-up, linear decay, the "
+        "train.teacher work as there. Defaults: --profile=sft (AdamW, lr 3e-3 as measured on small TinyStories bases -- "
+        "use --train.lr=1e-4 or less for a large or long-trained one --, a 5% warm-up, linear decay, the "
         "whole validation split every tenth of the run) under the base's machine and batch settings, "
-        "--epochs 3 over the conversations packed whole into rows. A conversation longer than the context is "
-        "an error that names it.",
+        "--epochs 3 over the conversations packed whole into rows, --run-dir runs/BASE-sft. A conversation "
+        "longer than the context is an error that names it.",
     )
     p.add_argument("--base", metavar="RUN", help="the trained run to fine-tune (its best checkpoint) or a checkpoint folder")
     p.add_argument("--data", action="append", metavar="FILE", help="conversations (.jsonl/.json/.parquet; repeatable), "

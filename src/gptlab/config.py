@@ -497,13 +497,14 @@ PROFILES: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"optimizer": "muon", "schedule": "wsd", "decay_fraction": 0.3, "lr": 1.2e-2, "min_lr_ratio": 0.1,
                   "warmup_steps": 50},
     },
-    # gptlab sft's defaults (chat/sft.py): fine-tuning a pretrained model on conversations. AdamW at a
-    # learning rate well below pretraining's (tiny presets pretrain at 1e-3 to 3e-3), a short warm-up (sft
-    # sets it to 5% of the run), a linear decay to a low floor, and the whole validation split at every
-    # evaluation (held-out conversations are few). The rate is measured in benchmarks/SPEEDRUN.md's way on
-    # TinyStories instructions: see chat/sft.py.
+    # gptlab sft's defaults (chat/sft.py) for fine-tuning a small pretrained model on conversations: AdamW,
+    # a 5% warm-up (sft sets warmup_steps from the run's length), a linear decay to 5% of the peak, no weight
+    # decay (a short run from trained weights, which decay would only pull towards zero), and the whole
+    # validation split at every evaluation (held-out conversations are few). The rate is measured
+    # (benchmarks/sft_defaults.py, the table in chat/sft.py): on 1M-parameter TinyStories bases 3e-3 beat
+    # 1e-3 and 3e-4, with a warm-up; a larger or longer-trained base wants less (GPT-2 small is commonly fine-tuned at 5e-5 to 1e-4).
     "sft": {
-        "train": {"optimizer": "adamw", "lr": 3e-4, "schedule": "linear", "min_lr_ratio": 0.05, "warmup_steps": 10,
+        "train": {"optimizer": "adamw", "lr": 3e-3, "schedule": "linear", "min_lr_ratio": 0.05, "warmup_steps": 10,
                   "weight_decay": 0.0, "eval_batches": None},
     },
 }

@@ -1,11 +1,12 @@
 """Writing checkpoints into a run directory (reading them back is gptlab.runs).
 
     runs/NAME/checkpoints/step_0001200/
-        model.safetensors   weights (tied embeddings stored once)
+        model.safetensors   weights (tied embeddings stored once; a LoRA run's adapters merged in)
         state.pt            optimizer, step, tokens, every RNG, loader state, early-stopping
                             counters: only tensors, dicts, lists and numbers, so
-                            torch.load(weights_only=True) reads it (no pickle)
-        checkpoint.json     step, tokens, val_loss, model config, tokenizer checksum
+                            torch.load(weights_only=True) reads it (no pickle); a LoRA run's adapters
+                            and the frozen weights they adapt ("lora"), for resuming exactly
+        checkpoint.json     step, tokens, val_loss, model config, tokenizer checksum (and lora_rank)
     runs/NAME/checkpoints/best.json   {"checkpoint": "step_0001000", "val_loss": ...}
 
 A checkpoint is written into a hidden temporary folder, flushed to the disk

@@ -26,6 +26,9 @@ class TrainStep:
     averaged over the ranks once, in the last micro-step's backward (no_sync
     on the others). An FSDP2 model reduce-scatters every micro-step instead, so
     that gradients stay sharded; the norm is then a DTensor over all shards.
+
+    `targets` (conversations, whose batches hold different numbers of targets): the micro-batches are
+    weighed so that the step's loss is the mean over all the global batch's targets (GlobalTargets).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -44,7 +47,7 @@ class TrainStep:
         total = torch.zeros((), device=self.device)
         no_sync = getattr(self.model, "no_sync", None)  # DDP
         batches = [next_batch() for _ in range(grad_accum)]
-        weights = self.targets.weights([y for _, y in batches]) if self.targets else [1.0 / grad_accum] * grad_accum
+        weights = self.targets.weights([y for _, y in batches]) if self.targets else None
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with no_sync() if no_sync and i < grad_accum - 1 else contextlib.nullcontext():
@@ -54,7 +57,7 @@ class TrainStep:
                         loss = self.teacher.loss(x, y, logits, loss)
                     else:
                         _, loss = self.forward(x, y)
-                loss = loss / grad_accum if self.targets is None else loss * weights[i]
+                loss = loss / grad_accum if weights is None else loss * weights[i]
                 with record_function("backward"):
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()

@@ -383,6 +383,8 @@ class Trainer:
             f"{self.model.num_params() / 1e6:.2f}M parameters ({self.model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding)",
             f"{self.tokens_per_step:,} tokens/step",
         ]
+        if self.cfg.train.lora_rank:
+            parts.append(f"LoRA rank {self.cfg.train.lora_rank}: {lora.trainable_parameters(self.model) / 1e6:.2f}M parameters trained")
         if self.teacher:
             t = self.cfg.train
             parts.append(f"distilling from {t.teacher} (weight {t.distill_weight:g}, temperature {t.distill_temperature:g})")
