@@ -26,12 +26,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
+import torch
 
 import gptlab
 from gptlab.config import Config
+from gptlab.data.loader import ResumableLoader, TokenSplit
 from gptlab.data.meta import META_FILE
 from gptlab.data.shards import make_header, token_dtype, write_shard
 from gptlab.errors import GptlabError
@@ -40,9 +42,6 @@ from gptlab.text import Normalizer, source_label
 from gptlab.text.conversations import Conversation, iter_conversations
 from gptlab.tokenizer import load_tokenizer
 from gptlab.tokenizer.chat import ChatFormat
-
-if TYPE_CHECKING:
-    import torch  # the loader imports it when it makes a batch: preparing data never pays for it
 
 SPLITS = ("train", "val")
 KIND = "chat"
@@ -161,8 +160,6 @@ class ConversationSplit:
     """One split's conversations: tokens, loss mask, boundaries; packs them into rows of seq_len + 1 tokens."""
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int):
-        from gptlab.data.loader import TokenSplit
-
         self.name, self.seq_len = split, seq_len
         self.tokens = TokenSplit(data_dir, split)
         path = chat_file(data_dir, split)
@@ -199,10 +196,8 @@ class ConversationSplit:
             rows.append(np.asarray(row, dtype=np.int64))
         return rows
 
-    def batch(self, rows: list[np.ndarray]) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def batch(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) [len(rows), seq_len]: y is x shifted by one, -1 where the token is not learnt (or is padding)."""
-        import torch
-
         tokens = np.zeros((len(rows), self.seq_len + 1), dtype=np.int64)
         learn = np.zeros((len(rows), self.seq_len + 1), dtype=bool)
         for r, row in enumerate(rows):
@@ -217,7 +212,7 @@ class ConversationSplit:
         return x, y
 
 
-class ConversationLoader:
+class ConversationLoader(ResumableLoader):
     """Training batches of packed conversations; like BatchLoader, a pure function of (seed, step), and each rank
     keeps its slice of the global batch. Every epoch is a fresh shuffle (seed, epoch), packed anew."""
 
@@ -253,7 +248,7 @@ class ConversationLoader:
     def epoch(self) -> float:
         return self.step * self.batch_size * self.world_size / self.rows_per_epoch()
 
-    def next_batch(self) -> tuple["torch.Tensor", "torch.Tensor"]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         first = (self.step * self.world_size + self.rank) * self.batch_size
         self.step += 1
         return self.conversations.batch([self._row(g) for g in range(first, first + self.batch_size)])
@@ -265,20 +260,6 @@ class ConversationLoader:
     def _settings(self) -> dict:
         return {"mode": KIND, "seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
                 "world_size": self.world_size, "split_tokens": len(self.conversations.tokens)}
-
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "step": self.step, **self._settings()}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = {k: state.get(k) for k in self._settings()}
-        if state.get("version") != STATE_VERSION or saved != self._settings():
-            changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._settings().items() if saved[k] != v)
-            raise GptlabError(f"cannot resume the data loader: {changed or 'unknown state version'}",
-                              "resume with the same data and batch settings, or start a new run (train.init_from) to change them")
-        self.step = int(state["step"])
-
-
-STATE_VERSION = 1
 
 
 def eval_rows(data_dir: str | os.PathLike, split: str, seq_len: int) -> tuple[ConversationSplit, list[np.ndarray]]:

@@ -67,7 +67,29 @@ class TokenSplit:
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-class BatchLoader:
+class ResumableLoader:
+    """What both loaders share: the whole state is the step counter, valid only with the same settings."""
+
+    step: int
+
+    def _settings(self) -> dict:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "step": self.step, **self._settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = {k: state.get(k) for k in self._settings()}
+        if state.get("version") != STATE_VERSION or saved != self._settings():
+            changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._settings().items() if saved[k] != v)
+            raise GptlabError(
+                f"cannot resume the data loader: {changed or 'unknown state version'}",
+                "resume with the same data and batch settings, or start a new run (train.init_from) to change them",
+            )
+        self.step = int(state["step"])
+
+
+class BatchLoader(ResumableLoader):
     """Training batches from a prepared split.
 
     mode="random": each row is a window starting at a uniformly random token
@@ -153,19 +175,6 @@ class BatchLoader:
             "shuffle": self.shuffle,
             "split_tokens": len(self.tokens),
         }
-
-    def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, "step": self.step, **self._settings()}
-
-    def load_state_dict(self, state: dict) -> None:
-        saved = {k: state.get(k) for k in self._settings()}
-        if state.get("version") != STATE_VERSION or saved != self._settings():
-            changed = ", ".join(f"{k} {saved[k]} -> {v}" for k, v in self._settings().items() if saved[k] != v)
-            raise GptlabError(
-                f"cannot resume the data loader: {changed or 'unknown state version'}",
-                "resume with the same data and batch settings, or start a new run (train.init_from) to change them",
-            )
-        self.step = int(state["step"])
 
 
 def training_loader(data_dir: str | os.PathLike, **settings) -> "BatchLoader":
