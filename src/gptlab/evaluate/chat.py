@@ -28,11 +28,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gptlab.config import DataConfig
 from gptlab.errors import GptlabError
+from gptlab.evaluate.scoring import token_nll
 from gptlab.tokenizer.chat import CHAT_TOKENS, ChatFormat, has_chat_tokens
 
 TEXT_FIX = "--eval.chat_format=text scores the assistant's text after the conversation as plain text"
@@ -74,7 +74,6 @@ def score_masked(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, 
                  progress: bool = False, name: str = "conversations") -> dict:
     """Sum of -ln p over the targets of every (ids, mask) row: target i is ids[i] where mask[i] = 1 (i >= 1),
     predicted from ids[:i]. Rows are batched by length; returns {"nll", "tokens", "hits": {k: count}}."""
-    from gptlab.device import autocast
 
     context = model.cfg.context_length
     for i, (ids, _) in enumerate(rows):
@@ -102,12 +101,9 @@ def score_masked(model, rows: Sequence[tuple[Sequence[int], Sequence[int]]], *, 
                 x[r, : len(ids) - 1] = ids[:-1]
                 y[r, : len(ids) - 1] = np.where(mask[1:], ids[1:], -1)
             x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-            with autocast(device, precision):
-                logits, _ = model(x)
-            logits = logits.float()
+            logits, nll_per_token = token_nll(model, x, y, precision)
             scored = y >= 0
-            token_nll = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none") * scored
-            for i, row_nll in zip(batch, token_nll.double().sum(dim=1).tolist()):
+            for i, row_nll in zip(batch, nll_per_token.double().sum(dim=1).tolist()):
                 nll[i] = row_nll
             if ks:
                 top = logits.topk(min(max(ks), logits.size(-1)), dim=-1).indices

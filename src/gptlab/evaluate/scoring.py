@@ -84,6 +84,16 @@ class StreamScore:
 
 
 @torch.no_grad()
+def token_nll(model, x: torch.Tensor, y: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 logits, -ln p(y) per position; 0 where y is -1) of a batch, the model run under autocast."""
+    from gptlab.device import autocast
+
+    with autocast(x.device, precision):
+        logits, _ = model(x)
+    logits = logits.float()
+    return logits, F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none") * (y >= 0)
+
+
 def score_stream(
     model,
     tokens,
@@ -97,7 +107,6 @@ def score_stream(
     name: str = "text",
 ) -> StreamScore:
     """Score every token of `tokens` (1-D ints) in consecutive windows; see the module docstring."""
-    from gptlab.device import autocast
 
     T = context_length or model.cfg.context_length
     tokens = np.asarray(tokens, dtype=np.int64)
@@ -127,11 +136,8 @@ def score_stream(
             x[r, : len(window) - 1] = window[:-1]
             y[r, : len(window) - 1] = window[1:]
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        with autocast(device, precision):
-            logits, _ = model(x)
-        logits = logits.float()
+        logits, nll = token_nll(model, x, y, precision)
         scored = y >= 0
-        nll = F.cross_entropy(logits.transpose(1, 2), y.clamp(min=0), reduction="none") * scored
         for window_nll in nll.double().sum(dim=1).tolist():  # window order: batch-size independent sums
             score.nll += window_nll
         if ks:
