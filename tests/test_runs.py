@@ -4,6 +4,7 @@ the run (and its data folder with it) has been moved; HellaSwag needs no trainin
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -119,3 +120,20 @@ def test_save_run_config_leaves_the_callers_config_alone(tmp_path, monkeypatch):
     assert cfg.train.data_dir == "data" and cfg.train.run_dir == "runs/x"
     saved = load_config(tmp_path / "run" / "config.toml").train
     assert saved.data_dir == str(tmp_path / "data") and saved.run_dir == str(tmp_path / "run")
+
+
+def test_run_status_follows_training(tmp_path, tiny_shards):
+    from gptlab.runs import run_status, write_status
+    from gptlab.train import train
+
+    run = tmp_path / "run"
+    seen = []
+    train(tiny_config(tiny_shards, run), verbose=False, on_step=lambda step: seen.append(run_status(run)["state"]))
+    assert set(seen) == {"training"}
+    assert run_status(run)["state"] == "finished" and run_status(run)["reason"] == "max_steps"
+    write_status(run, "training")  # as a killed trainer leaves it, but its process is gone
+    (run / "status.json").write_text((run / "status.json").read_text().replace(f'"pid": {os.getpid()}', '"pid": 999999999'))
+    assert run_status(run)["state"] == "stopped"
+    (run / "status.json").unlink()  # a run from before status.json: summary.json says how it ended
+    assert run_status(run)["state"] == "finished"
+    assert run_status(tmp_path / "nothing")["state"] == "new"

@@ -5,6 +5,7 @@ the trained model. Writing it is the trainer's (train/checkpoint.py); reading it
         config.toml        the resolved config the run was trained with
         tokenizer.json     the tokenizer its shards were made with
         metrics.csv, loss.png, lr.png, samples.md, summary.json
+        status.json        training / finished / stopped, the trainer's process id and host (run_status)
         checkpoints/step_0001200/
             model.safetensors   weights (tied embeddings stored once)
             state.pt            optimizer, counters, RNGs, loader state (torch.load(weights_only=True))
@@ -43,6 +44,7 @@ STATE = "state.pt"
 INFO = "checkpoint.json"
 SHARDED = "dcp"
 CONFIG = "config.toml"
+STATUS = "status.json"
 
 # The config's paths, as dotted keys ("*": every item of a list). hf:NAME values are not paths.
 RUN_PATHS = ("train.data_dir", "train.init_from", "train.teacher", "data.out_dir", "data.sources.*.path",
@@ -255,3 +257,58 @@ def load_run(run_dir: str | Path, which: str = "best", device: str | torch.devic
     model = build_model(cfg.model, device)
     load_weights(model, checkpoint)
     return model.eval(), tokenizer, cfg
+
+
+# --------------------------------------------------------------------------- status
+
+# How a run that ended says so: summary.json's "stopped" -> "finished" or "stopped".
+FINISHED_BY = ("max_steps", "max_tokens", "max_time", "early_stop")
+
+
+def write_status(run_dir: str | Path, state: str, **details) -> None:
+    """status.json: "training" (with this process' id and host), "finished" or "stopped" (with the reason)."""
+    import socket
+    import time
+
+    from gptlab.files import atomic_write_json
+
+    status = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **details}
+    atomic_write_json(Path(run_dir) / STATUS, status)
+
+
+def run_status(run_dir: str | Path) -> dict:
+    """{"state": "training" | "finished" | "stopped" | "new", ...} from the run's files.
+
+    A run whose status.json says "training" but whose process is gone (on this host) was killed: "stopped".
+    Runs from before status.json read summary.json: a limit or early stopping is "finished", else "stopped".
+    """
+    import socket
+
+    run_dir = Path(run_dir)
+    try:
+        status = json.loads((run_dir / STATUS).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        status = None
+    if isinstance(status, dict) and status.get("state") in ("training", "finished", "stopped"):
+        if status["state"] == "training" and status.get("host") == socket.gethostname() and not _alive(status.get("pid")):
+            return {**status, "state": "stopped", "reason": "the training process is gone"}
+        return status
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        reason = summary.get("stopped")
+        return {"state": "finished" if reason in FINISHED_BY else "stopped", "reason": reason}
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"state": "stopped" if checkpoint_dirs(run_dir) else "new"}
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

@@ -42,3 +42,76 @@ class KVCache:
         self.keys[layer][:, :, self.start : self.length] = k
         self.values[layer][:, :, self.start : self.length] = v
         return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+
+
+class SlotCache:
+    """Keys and values of `slots` independent sequences, for serving: [S, K, max_len, C] per layer, a length per slot.
+
+    Unlike KVCache, whose rows advance together, each slot has its own length: a request takes a free slot,
+    runs its prompt through it alone, then joins the others' decode steps, one token a step, and leaves
+    when it is done, without waiting for the rest. `rows(slots)` is the view the model's forward takes as
+    its cache. A slot keeps what it held after its request left (`tokens`), so the next request whose
+    prompt starts the same way only runs the rest of it (the prompt cache).
+    """
+
+    def __init__(self, slots: int, max_len: int, device=None):
+        self.slots, self.max_len, self.device = slots, max_len, device
+        self.lengths = [0] * slots  # positions filled in each slot
+        self.tokens: list[list[int]] = [[] for _ in range(slots)]  # the token at each filled position
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def rows(self, slots: list[int]) -> SlotRows:
+        return SlotRows(self, slots)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first `length` positions of a slot (a prompt sharing them continues from there)."""
+        self.lengths[slot] = length
+        del self.tokens[slot][length:]
+
+    def shared_prefix(self, slot: int, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the slot holds already."""
+        n = 0
+        for held, wanted in zip(self.tokens[slot], ids):
+            if held != wanted:
+                break
+            n += 1
+        return n
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys.values(), *self.values.values()))
+
+
+class SlotRows:
+    """Some slots of a SlotCache, each continued by T tokens in one forward pass: what GPT.forward calls
+    `cache`. The new tokens of row i sit at positions lengths[slot_i] ... + T - 1 of their own slot."""
+
+    def __init__(self, cache: SlotCache, slots: list[int]):
+        self.cache, self.slots = cache, slots
+        self.index = torch.tensor(slots, dtype=torch.long, device=cache.device)
+
+    def append(self, valid: torch.Tensor):
+        """Make room for T tokens a row (`valid` is [B, T], every token real); return positions and mask."""
+        T = valid.size(1)
+        starts = [self.cache.lengths[s] for s in self.slots]
+        if max(starts) + T > self.cache.max_len:
+            raise ValueError(f"a slot holds {self.cache.max_len} positions; {max(starts)} used, {T} more asked")
+        for s in self.slots:
+            self.cache.lengths[s] += T
+        self.width = max(starts) + T  # keys read this pass: the longest row's
+        self.positions = torch.tensor(starts, device=valid.device)[:, None] + torch.arange(T, device=valid.device)
+        keys = torch.arange(self.width, device=valid.device)
+        # a row sees its own positions up to the query; later ones hold another request's leftovers or nothing
+        mask = keys[None, None, :] <= self.positions[:, :, None]  # [B, T, width]
+        return self.positions, mask.unsqueeze(1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        cache = self.cache
+        if layer not in cache.keys:
+            shape = (cache.slots, k.size(1), cache.max_len, k.size(3))
+            cache.keys[layer], cache.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        keys, values = cache.keys[layer], cache.values[layer]
+        where = (self.index[:, None], slice(None), self.positions)  # -> [B, T, K, C]
+        keys[where] = k.transpose(1, 2)
+        values[where] = v.transpose(1, 2)
+        return keys[self.index, :, : self.width], values[self.index, :, : self.width]

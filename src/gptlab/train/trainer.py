@@ -210,6 +210,8 @@ class Trainer:
         bar = self._progress_bar()
         interval, first, stopped = self._interval(), self.step, None
         self.model.train()
+        if self.dist.main:
+            runs.write_status(self.run_dir, "training", step=self.step)
         clock.start()
         try:
             with self.signals.caught():
@@ -249,6 +251,8 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            if self.dist.main and stopped is None:  # diverged, or an exception
+                runs.write_status(self.run_dir, "stopped", reason="error", step=self.step)
         return self._finish(stopped)
 
     def _interval(self) -> Interval:
@@ -350,6 +354,7 @@ class Trainer:
         }
         if self.dist.main:
             atomic_write_json(self.run_dir / "summary.json", summary)
+            runs.write_status(self.run_dir, "finished" if stopped in runs.FINISHED_BY else "stopped", reason=stopped, step=self.step)
         how = {"interrupted": f"interrupted by {self.signals.name}; resume with: gptlab train --resume {self.run_dir}",
                "early_stop": f"stopped early: no better validation loss in {self.cfg.train.early_stop_patience} evaluations"}
         self._print(how.get(stopped, f"done ({stopped})") + f"; {self.step} steps, {self.tokens:,} tokens in {elapsed:.0f} s"
