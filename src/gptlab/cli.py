@@ -456,6 +456,51 @@ def _add_train_commands(sub) -> None:
 
     p = _parser(
         sub,
+        "serve",
+        "serve runs over HTTP: an OpenAI-compatible API with continuous batching, a playground and a dashboard",
+        """
+        gptlab serve runs/tiny                                   # one run: http://127.0.0.1:8000
+        gptlab serve runs/ --port 8080                           # every run in the folder, by name
+        gptlab serve runs/ --host 0.0.0.0 --api-key SECRET       # reachable from other machines: set a key
+        GPTLAB_API_KEY=SECRET gptlab serve runs/tiny-chat --slots 32 --max-tokens-limit 512
+        curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+             -d '{"model": "tiny", "prompt": "Once upon a time", "max_tokens": 50}'
+        """,
+        description="One process (uvicorn) serving: POST /v1/completions and /v1/chat/completions (OpenAI's API: "
+        "point the openai client's base_url at http://HOST:PORT/v1; the model is a run's folder name), GET "
+        "/v1/models, the playground at /, the training dashboard at /runs, GET /health and GET /metrics "
+        "(Prometheus). Concurrent requests share the model's forward passes (continuous batching over --slots "
+        "slots, each with its own KV cache); more wait in a queue of --queue, up to --queue-timeout seconds. "
+        "With an API key (--api-key or $GPTLAB_API_KEY), /v1/*, /api/* and /metrics need "
+        "'Authorization: Bearer KEY'; the pages and /health stay open. It binds to 127.0.0.1 unless --host says "
+        "otherwise. Runs in a folder are found by name as they appear and loaded on their first request.",
+    )
+    p.add_argument("path", metavar="RUN|RUNS_DIR", help="a run directory, or a folder of runs (each served by its name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("GPTLAB_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on the API (default: $GPTLAB_API_KEY, else none)")
+    p.add_argument("--slots", type=int, default=16, metavar="N", help="requests generated together per model (default 16)")
+    p.add_argument("--queue", type=int, default=256, metavar="N", help="requests waiting for a slot before the "
+                   "server answers 429 (default 256)")
+    p.add_argument("--queue-timeout", type=float, default=60.0, metavar="S", help="seconds a request may wait for "
+                   "a slot (default 60)")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds a request may "
+                   "generate for; then it ends with finish_reason length (default 600)")
+    p.add_argument("--max-tokens-limit", type=int, metavar="N", help="the most max_tokens a request may ask "
+                   "(default: the model's context length)")
+    p.add_argument("--max-prompt-tokens", type=int, metavar="N", help="the longest prompt taken (default: the "
+                   "model's context length less one)")
+    p.add_argument("--max-n", type=int, default=8, metavar="N", help="the most choices (n) per request (default 8)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="larger request bodies are "
+                   "refused with 413 (default 1000000)")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads for the models (default 0 = torch's)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"], help="default cpu")
+    p.set_defaults(func=_serve)
+
+    p = _parser(
+        sub,
         "quickstart",
         "tokenizer, data, a ~1M-parameter GPT trained for a few minutes, plots and samples: one command, offline",
         """
@@ -632,6 +677,47 @@ def _chat(args) -> int:
         f"chatting with {args.run} ({model.num_params():,} parameters, context {model.cfg.context_length} tokens); "
         "/help for commands, /quit or Ctrl-D to end")
     return chat_in_terminal(session, banner=banner)
+
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from gptlab.device import pick_device
+    from gptlab.serve.app import ServeSettings, create_app
+    from gptlab.serve.registry import Registry
+
+    numbers = {"--port": (args.port, 0), "--slots": (args.slots, 1), "--queue": (args.queue, 1),
+               "--queue-timeout": (args.queue_timeout, 0), "--request-timeout": (args.request_timeout, 0),
+               "--max-tokens-limit": (args.max_tokens_limit, 1), "--max-prompt-tokens": (args.max_prompt_tokens, 1),
+               "--max-n": (args.max_n, 1), "--max-body-bytes": (args.max_body_bytes, 1), "--threads": (args.threads, 0)}
+    for flag, (value, least) in numbers.items():
+        if value is not None and value < least:
+            raise GptlabError(f"{flag}={value} is too small", f"use {flag} >= {least}")
+    registry = Registry(args.path, slots=args.slots, max_queue=args.queue, queue_timeout=args.queue_timeout or None,
+                        device=str(pick_device(args.device)), threads=args.threads)
+    if registry.default() is not None:  # one run: load it now, so a broken checkpoint is said at once
+        registry.get(registry.default())
+    settings = ServeSettings(api_key=args.api_key, max_tokens_limit=args.max_tokens_limit,
+                             max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
+                             max_body_bytes=args.max_body_bytes, request_timeout=args.request_timeout or None)
+    app = create_app(registry, settings)
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    names = registry.names()
+    _say(args, f"serving {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''} at {url}",
+         f"  playground  {url}/", f"  dashboard   {url}/runs", f"  API         {url}/v1  (OpenAI-compatible; "
+         f"{'needs the API key' if args.api_key else 'no API key'})", "Ctrl-C stops it")
+    if args.host not in LOCAL_HOSTS and not args.api_key:
+        print(f"warning: {args.host} is reachable from other machines and there is no API key: anyone there can "
+              "use the API (set --api-key or $GPTLAB_API_KEY)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+                    access_log=not args.quiet)
+    finally:
+        registry.close()
+    return 0
 
 
 def _quickstart(args) -> int:
