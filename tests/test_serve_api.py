@@ -350,3 +350,28 @@ def test_the_api_key_guards_the_api_but_not_the_pages(runs_dir):
         keyed = OpenAI(base_url=url + "/v1", api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="base", prompt="x", max_tokens=2).usage.completion_tokens <= 2
         assert httpx.get(url + "/").status_code != 401  # the playground page loads without the key
+
+
+def test_a_client_that_stops_waiting_cancels_its_request(server):
+    url, registry = server
+    before = registry.stats.requests.get("cancelled", 0)
+    with slow_model(registry, "chat", 0.05):
+        with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up before the answer
+            httpx.post(url + "/v1/completions", json={"model": "chat", "prompt": "Once", "max_tokens": 100,
+                                                      "temperature": 0}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while registry.stats.requests.get("cancelled", 0) == before:
+            assert time.monotonic() < deadline, "the request was not cancelled"
+            time.sleep(0.05)
+    assert post(url, "/v1/completions", {"model": "chat", "prompt": "x", "max_tokens": 3}).status_code == 200
+
+
+def test_a_full_queue_is_a_429(runs_dir):
+    with serving(runs_dir, slots=1, max_queue=1) as (url, registry), slow_model(registry, "chat", 0.05):
+        body = {"model": "chat", "prompt": "Once", "max_tokens": 10, "temperature": 0}
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: post(url, "/v1/completions", body), range(4)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes[0] == 200 and codes[-1] == 429, codes
+        busy = next(r for r in answers if r.status_code == 429).json()["error"]
+        assert busy["code"] == "rate_limit_exceeded" and "busy" in busy["message"]

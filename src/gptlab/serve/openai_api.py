@@ -285,7 +285,7 @@ class Generation:
         self.served, self.choices, self.requests, self.timeout = served, choices, requests, timeout
         self.queue: asyncio.Queue = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
-        self.timed_out = False
+        self.timed_out = self.gone = False
 
     def start(self) -> None:
         engine = self.served.engine
@@ -308,9 +308,16 @@ class Generation:
             if choice.handle is not None:
                 choice.handle.cancel()
 
-    async def events(self, request: Request | None) -> AsyncIterator[tuple[Choice, str, bool]]:
+    async def watch(self, request: Request) -> None:
+        """Cancel every choice when the client goes away (a streamed response needs none: Starlette cancels it)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.cancel()
+
+    async def events(self) -> AsyncIterator[tuple[Choice, str, bool]]:
         """(choice, new text, whether the choice just finished) as the tokens come; ApiError where a choice failed
-        before it produced anything. `request`: watch it for a client that went away (None: Starlette does)."""
+        before it produced anything, ClientGone where its client went away."""
         by_index = {c.index: c for c in self.choices}
         open_choices = len(self.choices)
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -322,9 +329,6 @@ class Generation:
             try:
                 index, event = await asyncio.wait_for(self.queue.get(), wait)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    self.cancel()
-                    raise ClientGone() from None
                 continue
             choice = by_index[index]
             if isinstance(event, TokenEvent):
@@ -339,6 +343,8 @@ class Generation:
     def _reason(self, choice: Choice, done: DoneEvent) -> str:
         if done.reason in ("stop", "length"):
             return done.reason
+        if done.reason == "cancelled" and self.gone:
+            raise ClientGone()
         if done.reason == "cancelled" and (choice.finish == "stop" or (self.timed_out and choice.ids)):
             return "length"
         if done.reason == "cancelled" and self.timed_out:
@@ -409,21 +415,28 @@ async def _run(request: Request, served: ServedModel, body: _Sampling, prompts: 
     generation = Generation(served, choices, requests, settings.request_timeout)
     generation.start()
     if not body.stream:
+        watcher = asyncio.create_task(generation.watch(request))
         try:
-            async for _ in generation.events(request):
+            async for _ in generation.events():
                 pass
-        except ClientGone:
+        except ClientGone:  # nobody reads this answer; it is counted in /metrics as 499 (nginx's "client closed")
             return JSONResponse(error_body(ApiError(499, "the client closed the request")), status_code=499)
         finally:
+            watcher.cancel()
             generation.cancel()
         return JSONResponse(final(choices, _usage(choices, prompts)))
 
-    events = generation.events(None)  # Starlette cancels the stream when the client goes away
+    events = generation.events()
+    watcher = asyncio.create_task(generation.watch(request))  # while waiting for a slot; then Starlette watches
     try:
         first = await anext(events)  # an error before any token is still an HTTP error, not a broken stream
+    except ClientGone:
+        return JSONResponse(error_body(ApiError(499, "the client closed the request")), status_code=499)
     except BaseException:
         generation.cancel()
         raise
+    finally:
+        watcher.cancel()
     usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def stream():
