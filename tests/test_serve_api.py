@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 import torch
 import uvicorn
@@ -119,8 +120,11 @@ def test_health_and_models(server, client):
     assert models["chat"].model_extra == {"chat": True, "context_length": 128}
     assert models["chat"].owned_by == "gptlab" and models["chat"].object == "model"
     assert client.models.retrieve("chat").id == "chat"
-    missing = httpx.get(url + "/v1/models/nope")
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    for name in ("nope", "..%2Fbase", "chat%2F..%2Fbase", "a/b"):
+        missing = httpx.get(url + "/v1/models/" + name)
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found", name
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="x")
 
 
 def test_greedy_completion_is_what_generate_gives(server, client):
@@ -375,3 +379,19 @@ def test_a_full_queue_is_a_429(runs_dir):
         assert codes[0] == 200 and codes[-1] == 429, codes
         busy = next(r for r in answers if r.status_code == 429).json()["error"]
         assert busy["code"] == "rate_limit_exceeded" and "busy" in busy["message"]
+
+
+def test_streamed_text_keeps_whole_characters_and_holds_back_stop_strings(tiny_tokenizer):
+    from gptlab.serve.engine import TokenEvent
+    from gptlab.serve.openai_api import Choice
+
+    tokenizer = load_tokenizer(tiny_tokenizer)
+    text = "héllo wörld ✓ — the END is near"
+    choice = Choice(0, tokenizer, ["END", "E!"])
+    pieces = [choice.add(TokenEvent(t, -1.0, [])) for t in tokenizer.encode(text)]
+    pieces.append(choice.end("length"))
+    assert "".join(pieces) == "héllo wörld ✓ — the " == choice.text and choice.finish == "stop"
+    assert not any("\ufffd" in p for p in pieces)
+    assert len([p for p in pieces if p]) > 3  # streamed in pieces, not all at the end
+    plain = Choice(1, tokenizer, [])
+    assert "".join([plain.add(TokenEvent(t, -1.0, [])) for t in tokenizer.encode(text)] + [plain.end("length")]) == text

@@ -3,6 +3,7 @@ process, as in the tests, keep their own counts).
 
     gptlab_http_requests_total{endpoint, code}     HTTP requests answered, by endpoint and status code
     gptlab_generations_total{reason}               engine requests ended: stop, length, cancelled, timeout, error
+                                                   (a stop string or a client gone cancels; n choices: n requests)
     gptlab_prompt_tokens_total, gptlab_cached_tokens_total, gptlab_completion_tokens_total
     gptlab_queue_length, gptlab_active_requests    waiting for a slot / in the running batch, now
     gptlab_batch_size                              histogram: requests advanced by each decode pass

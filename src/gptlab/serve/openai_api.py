@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gptlab.errors import GptlabError
 from gptlab.generate import chat_prompt
-from gptlab.runs import load_run_config
+from gptlab.runs import checkpoint_dirs, load_run_config
 from gptlab.serve.engine import DoneEvent, EngineBusy, GenerationRequest, TokenEvent
 from gptlab.serve.registry import ServedModel, UnknownModel
 from gptlab.tokenizer import load_tokenizer
@@ -382,21 +382,25 @@ def _token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
+def _finite(logprob: float) -> float:
+    return max(logprob, -1e4)  # JSON has no -Infinity (a token the model gives no chance at all)
+
+
 def _completion_logprobs(tokenizer, events: list[TokenEvent], offset: int) -> dict:
     tokens = [_token_text(tokenizer, e.token) for e in events]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [e.logprob for e in events],
-            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} for e in events],
+    return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in events],
+            "top_logprobs": [{_token_text(tokenizer, t): _finite(lp) for t, lp in e.top} for e in events],
             "text_offset": offsets}
 
 
 def _chat_logprobs(tokenizer, events: list[TokenEvent]) -> dict:
     def entry(token: int, logprob: float) -> dict:
         text = _token_text(tokenizer, token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
 
     return {"content": [{**entry(e.token, e.logprob), "top_logprobs": [entry(t, lp) for t, lp in e.top]}
                         for e in events], "refusal": None}
@@ -479,7 +483,10 @@ async def completions(request: Request):
         prompts = [served.text_prompt(p) for p in raw]
     else:
         raise ApiError(400, "prompt: give a string, a list of strings or of token ids", param="prompt")
-    max_tokens = _check_limits(body, served, settings, body.max_tokens, len(prompts) * body.n)
+    asked = body.max_tokens
+    if "max_tokens" not in body.model_fields_set:  # OpenAI's default of 16, within a lower --max-tokens-limit
+        asked = min(asked, settings.max_tokens_limit or asked)
+    max_tokens = _check_limits(body, served, settings, asked, len(prompts) * body.n)
     for ids in prompts:
         _check_prompt(ids, served, settings)
     top = body.logprobs or 0
@@ -568,6 +575,8 @@ def _model_entry(registry, name: str) -> dict | None:
     else:
         try:
             run_dir = registry.run_dir(name)
+            if not checkpoint_dirs(run_dir):  # a run that has only just started training: nothing to serve yet
+                return None
             context = load_run_config(run_dir).model.context_length
             chat = has_chat_tokens(load_tokenizer(run_dir / "tokenizer.json"))
             created = int(run_dir.stat().st_mtime)
