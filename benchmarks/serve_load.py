@@ -200,12 +200,12 @@ def main() -> int:
         run = make_run(Path(tmp))
         print(f"{args.requests} requests x {args.max_tokens} tokens, {args.clients} clients, streamed")
         rows = [run_mode(run, args.slots, args), run_mode(run, 1, args)]
-    head = (f"{'mode':16} {'answered':>8} {'errors':>6} {'tokens/s':>9} {'req/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
+    head = (f"{'mode':21} {'answered':>8} {'errors':>6} {'tokens/s':>9} {'req/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
             f"{'lat p50':>8} {'lat p95':>8} {'batch':>6}")
     print(head)
     for r in rows:
-        name = f"slots {r['slots']}" + (" (batching)" if r["slots"] > 1 else " (1 at a time)")
-        print(f"{name:16} {r['sent'] - r['errors']:8d} {r['errors']:6d} {r['tok_s']:9.0f} {r['req_s']:7.2f} "
+        name = f"slots {r['slots']}" + (" batching" if r["slots"] > 1 else " one at a time")
+        print(f"{name:21} {r['sent'] - r['errors']:8d} {r['errors']:6d} {r['tok_s']:9.0f} {r['req_s']:7.2f} "
               f"{r['ttft50']:9.3f} {r['ttft95']:9.3f} {r['lat50']:8.2f} {r['lat95']:8.2f} {r['mean_batch']:6.1f}")
         if r["unsent"]:
             print(f"  {r['unsent']} requests not sent: --max-seconds {args.max_seconds:g} reached")
