@@ -395,3 +395,23 @@ def test_streamed_text_keeps_whole_characters_and_holds_back_stop_strings(tiny_t
     assert len([p for p in pieces if p]) > 3  # streamed in pieces, not all at the end
     plain = Choice(1, tokenizer, [])
     assert "".join([plain.add(TokenEvent(t, -1.0, [])) for t in tokenizer.encode(text)] + [plain.end("length")]) == text
+
+
+def test_fastapi_validation_errors_of_other_routes_are_openai_400s(runs_dir):
+    from fastapi.testclient import TestClient
+
+    registry = Registry(runs_dir)
+    app = create_app(registry, ServeSettings(api_key="k"))
+
+    @app.get("/api/echo")
+    def echo(n: int):  # a route such as the dashboard's, with FastAPI's own validation
+        return {"n": n}
+
+    with TestClient(app) as http:
+        assert http.get("/api/echo?n=3").status_code == 401  # /api/ needs the key too
+        key = {"Authorization": "Bearer k"}
+        assert http.get("/api/echo?n=3", headers=key).json() == {"n": 3}
+        r = http.get("/api/echo?n=three", headers=key)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    registry.close()
