@@ -93,8 +93,15 @@ class LineChart {
       this.readout.classList.add("hidden");
       return;
     }
-    let xlo = Math.min(...pts.map(p => p[0])), xhi = Math.max(...pts.map(p => p[0]));
-    let ylo = Math.min(...pts.map(p => ty(p[1]))), yhi = Math.max(...pts.map(p => ty(p[1])));
+    // loops, not Math.min(...): a long run has more points than a call takes arguments
+    let xlo = Infinity, xhi = -Infinity, ylo = Infinity, yhi = -Infinity;
+    for (const p of pts) {
+      const y = ty(p[1]);
+      if (p[0] < xlo) xlo = p[0];
+      if (p[0] > xhi) xhi = p[0];
+      if (y < ylo) ylo = y;
+      if (y > yhi) yhi = y;
+    }
     const pad = (yhi - ylo) * 0.05;
     const yt = LineChart.ticks(ylo - pad, yhi + pad, Math.max(3, Math.floor(h / 45)));
     const xt = LineChart.ticks(xlo, xhi, Math.max(3, Math.floor(w / 90)));
@@ -122,7 +129,10 @@ class LineChart {
 
     // the series
     for (const s of this.series) {
-      const points = s.points.filter(p => Number.isFinite(p[1]) && (!log || p[1] > 0));
+      let points = s.points.filter(p => Number.isFinite(p[1]) && (!log || p[1] > 0));
+      // more points than pixels: draw every k-th (and the last), the curve looks the same
+      const k = Math.floor(points.length / (2 * w));
+      if (k > 1) points = points.filter((p, i) => i % k === 0 || i === points.length - 1);
       ctx.strokeStyle = s.color; ctx.fillStyle = s.color; ctx.lineWidth = 1.6;
       ctx.setLineDash(s.dashed ? [5, 4] : []);
       ctx.beginPath();
