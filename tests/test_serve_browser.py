@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import tiny_config
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -97,8 +96,11 @@ def story_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, story_data):
-    """The real app over a folder holding one trained run, "stories" (~10 s of training: readable text)."""
+def server(tmp_path_factory, story_data, make_export_run, chat_tokenizer):
+    """The real app over a folder holding a trained run, "stories" (~10 s of training: readable text), and a
+    chat run with random weights, "chat-random" (the mechanics of chat mode, not the words)."""
+    import shutil
+
     import torch
     import uvicorn
 
@@ -111,6 +113,10 @@ def server(tmp_path_factory, story_data):
     train(tiny_config(story_data, root / "stories", "--train.max_steps=150", "--train.eval_every=50",
                       "--model.d_model=64", "--model.context_length=64", "--train.batch_size=8"), verbose=False)
     torch.set_num_threads(threads)
+    from gptlab.tokenizer import load_tokenizer
+
+    shutil.copytree(make_export_run("chat-random", tokenizer=load_tokenizer(chat_tokenizer), context_length=128),
+                    root / "chat-random")
     registry = Registry(root, slots=4, threads=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -182,6 +188,34 @@ def test_playground_streams_text_and_shows_each_tokens_probability(browser, serv
     assert tip.locator("tr").count() >= 2  # the top alternatives, with their probabilities
     assert not errors, errors
     screenshot(page, tmp_path, "serve-playground.png")
+
+
+def test_chat_mode_keeps_the_conversation_until_reset(browser, server):
+    url, _ = server
+    page, errors = new_page(browser)
+    page.goto(url + "/?model=chat-random")
+    page.wait_for_selector("#model option[value=chat-random]", state="attached")
+    assert page.input_value("#model") == "chat-random"  # ?model= picks the run (the dashboard links so)
+    page.click("label:has(input[value=chat])")
+    assert page.is_visible("#chat-mode") and not page.is_visible("#completion-mode")
+    page.fill("#system", "You tell short stories.")
+    page.eval_on_selector("#max_tokens", "e => { e.value = 12; e.dispatchEvent(new Event('input')); }")
+    for turn, text in enumerate(["Tell me a story.", "Another one."], start=1):
+        page.fill("#message", text)
+        page.press("#message", "Enter")  # Enter sends
+        page.wait_for_function(f"document.querySelectorAll('#chatlog .msg').length === {2 * turn}")
+        page.wait_for_selector("#chatlog[data-state=done]", timeout=20_000)
+        assert page.locator("#chatlog .msg.assistant").nth(turn - 1).locator(".tok").count() >= 1
+    assert page.locator("#chatlog .msg.user").all_inner_texts()[1].endswith("Another one.")
+    page.hover("#chatlog .msg.assistant .tok >> nth=0")
+    page.locator("#tooltip").wait_for(state="visible")
+    assert "%" in page.inner_text("#tooltip")
+    page.click("#reset")
+    assert page.locator("#chatlog .msg").count() == 0
+    # a base model has no chat mode: choosing one goes back to the prompt
+    page.select_option("#model", "stories")
+    assert page.is_disabled("input[name=mode][value=chat]") and page.is_visible("#completion-mode")
+    assert not errors, errors
 
 
 def test_dashboard_follows_a_run_while_it_trains(browser, server, story_data, tmp_path):

@@ -60,7 +60,7 @@ class LineChart {
     const a = Math.abs(v);
     if (a >= 1e9) return (v / 1e9).toPrecision(3).replace(/\.?0+$/, "") + "B";
     if (a >= 1e6) return (v / 1e6).toPrecision(3).replace(/\.?0+$/, "") + "M";
-    if (a >= 1e4) return (v / 1e3).toPrecision(3).replace(/\.?0+$/, "") + "k";
+    if (a >= 1e3) return (v / 1e3).toPrecision(3).replace(/\.?0+$/, "") + "k";
     if (a !== 0 && a < 1e-3) return v.toExponential(1);
     const decimals = Math.max(0, Math.min(6, -Math.floor(Math.log10(step || 1) + 1e-9)));
     return v.toFixed(decimals);

@@ -9,7 +9,10 @@
   const runs = {};            // name -> {rows: [...], total} (metrics rows fetched so far)
   let xAxis = localStorage.getItem("gptlab.xaxis") === "tokens" ? "tokens" : "step";
 
-  function showError(e) { $("error").textContent = e ? (e.message || String(e)) : ""; }
+  function showError(e) {
+    const text = !e ? "" : e.status === 401 ? "This server needs its API key: enter it at the top right." : e.message || String(e);
+    $("error").textContent = text;
+  }
 
   const api = name => "/api/runs/" + encodeURIComponent(name);
 
@@ -110,6 +113,7 @@
     }
 
     setupAxis(drawCompare);
+    document.addEventListener("gptlab:key", refresh);
     await refresh();
     setInterval(refresh, 3000);
   }
@@ -163,7 +167,11 @@
         kv("checkpoints", String(summary.checkpoints)), kv("updated", gl.ago(summary.updated)));
       if (await pull(name).catch(e => { showError(e); return false; })) draw();
       $("poll-note").textContent = summary.state === "training" ? "live: updates every 2 s" : "";
-      if (summary.has.samples && summary.step !== lastSampleStep) { lastSampleStep = summary.step; loadSamples(); }
+      // samples: on the first look, then when the run has stepped on and has some
+      if (lastSampleStep === null || (summary.has.samples && summary.step !== lastSampleStep)) {
+        lastSampleStep = summary.step ?? -1;
+        loadSamples();
+      }
       if (evalSeen !== summary.has.eval) { evalSeen = summary.has.eval; loadEval(); }  // first look, or eval.json appeared
       return summary.state === "training";
     }
@@ -207,8 +215,12 @@
       $("eval").replaceChildren(...nodes);
     }
 
-    const cfg = await gl.getJSON(api(name) + "/config").catch(() => ({ toml: null }));
-    $("config").textContent = cfg.toml || "(no config.toml)";
+    async function loadConfig() {
+      const cfg = await gl.getJSON(api(name) + "/config").catch(() => ({ toml: null }));
+      $("config").textContent = cfg.toml || "(no config.toml)";
+    }
+    document.addEventListener("gptlab:key", () => { evalSeen = null; lastSampleStep = null; loadConfig(); refresh(); });
+    await loadConfig();
     await refresh();
     // Poll every 2 s while the run trains; look again every 10 s otherwise (a run may start or resume).
     let wait = POLL;

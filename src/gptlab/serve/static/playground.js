@@ -87,6 +87,7 @@
       status(e.status === 401 ? "Enter the API key above to use this server." : "Could not list the models: " + e.message, true);
       return;
     }
+    status("");
     const select = $("model");
     select.replaceChildren(...models.map(m => gl.el("option", { value: m.id, text: m.id + (m.chat ? "  (chat)" : "") })));
     const wanted = new URLSearchParams(location.search).get("model") || saved.model;
