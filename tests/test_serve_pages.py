@@ -138,6 +138,14 @@ def test_unknown_and_path_like_names_are_404(client, runs_root, tmp_path_factory
     assert client.get("/api/runs").status_code == 200  # and the server goes on
 
 
+def test_serving_one_run_shows_only_that_run(runs_root):
+    with TestClient(create_app(Registry(runs_root / "run-2-layer", slots=1))) as c:
+        assert [r["name"] for r in c.get("/api/runs").json()["data"]] == ["run-2-layer"]
+        assert c.get("/api/runs/run-2-layer/metrics").json()["total"] == 4
+        assert_not_found(c.get("/api/runs/run-1-layer"))  # beside it in the folder, but not served
+        assert_not_found(c.get("/api/runs/live/config"))
+
+
 def test_bad_since_is_a_400(client):
     for since in ("-1", "x", "1.5", "9" * 40):
         response = client.get(f"/api/runs/run-1-layer/metrics?since={since}")

@@ -10,7 +10,6 @@ registry's RUN_NAME before anything is read, so a request never reaches outside 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import re
@@ -35,18 +34,19 @@ def is_dashboard_run(path: Path) -> bool:
     return path.is_dir() and ((path / CONFIG).is_file() or (path / METRICS).is_file())
 
 
-def list_runs(root: Path) -> list[str]:
-    """The runs in `root`, by name, sorted."""
+def list_runs(root: Path, only: set[str] | None = None) -> list[str]:
+    """The runs in `root` (or those of them named in `only`), by name, sorted."""
     try:
         children = list(root.iterdir())
     except OSError:
         return []
-    return sorted(p.name for p in children if RUN_NAME.fullmatch(p.name) and is_dashboard_run(p))
+    return sorted(p.name for p in children if RUN_NAME.fullmatch(p.name) and (only is None or p.name in only)
+                  and not p.is_symlink() and is_dashboard_run(p))
 
 
-def find_run(root: Path, name: str) -> Path:
-    """The folder of run `name` in `root`; UnknownRun for anything else (a path-like name included)."""
-    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+def find_run(root: Path, name: str, only: set[str] | None = None) -> Path:
+    """The folder of run `name` in `root` (if in `only`); UnknownRun for anything else (a path-like name included)."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or (only is not None and name not in only):
         raise UnknownRun(name)
     path = root / name
     if path.is_symlink() or not is_dashboard_run(path):  # a link could lead outside the folder
@@ -67,34 +67,48 @@ def _number(text: str):
     return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every complete row of metrics.csv, as numbers. The trainer appends whole rows and flushes, but a
-    read can still land mid-write: a last line without its newline is left for the next read."""
+def _metric_lines(run_dir: Path) -> tuple[list[str], list[str]]:
+    """metrics.csv's columns and its complete rows, one line each (its numbers hold no comma, quote or line
+    break). The trainer appends whole rows and flushes, but a read can still land mid-write: a last line
+    without its newline is left for the next read."""
     try:
-        text = (run_dir / METRICS).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return []
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
+        data = (run_dir / METRICS).read_bytes()
+    except OSError:
+        return [], []
+    lines = data[: data.rfind(b"\n") + 1].decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        return [], []
+    return next(csv.reader(lines[:1])), [line for line in lines[1:] if line.strip()]
+
+
+def _rows(header: list[str], lines) -> list[dict]:
     rows = []
-    for row in csv.DictReader(io.StringIO(text)):
-        if not row.get("step"):
-            continue
-        rows.append({k: _number(row.get(k)) for k in COLUMNS})
+    for values in csv.reader(lines):
+        row = dict(zip(header, values))
+        if row.get("step"):
+            rows.append({k: _number(row.get(k, "")) for k in COLUMNS})
     return rows
 
 
 def metrics_since(run_dir: Path, since: int = 0) -> dict:
     """The rows from row `since` on, and `total` (the next `since`). A resumed run rewrites metrics.csv
     without the rows after its checkpoint, so fewer rows than `since`: `reset` says to start again from 0."""
-    rows = read_metrics(run_dir)
-    reset = since > len(rows)
+    header, lines = _metric_lines(run_dir)
+    reset = since > len(lines)
     start = 0 if reset else max(since, 0)
-    return {"columns": COLUMNS, "rows": rows[start:], "since": start, "total": len(rows), "reset": reset}
+    return {"columns": COLUMNS, "rows": _rows(header, lines[start:]), "since": start, "total": len(lines), "reset": reset}
 
 
-def _last(rows: list[dict], key: str):
-    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+def _latest(header: list[str], lines: list[str], keys: tuple[str, ...]) -> dict:
+    """The last value of each key, reading back from the end only as far as needed (validation rows are sparse)."""
+    found: dict = {}
+    for row in _rows(header, reversed(lines)):
+        for key in keys:
+            if key not in found and row[key] is not None:
+                found[key] = row[key]
+        if len(found) == len(keys):
+            break
+    return found
 
 
 def _mtime(run_dir: Path) -> float | None:
@@ -109,20 +123,15 @@ def _mtime(run_dir: Path) -> float | None:
 
 def run_summary(run_dir: Path) -> dict:
     """One line of the runs table: state, latest step and tokens, last losses, when the run last wrote."""
-    rows = read_metrics(run_dir)
+    header, lines = _metric_lines(run_dir)
+    latest = _latest(header, lines, ("step", "tokens", "loss", "val_loss", "lr", "tokens_per_s"))
     status = run_status(run_dir)
-    last = rows[-1] if rows else {}
     return {
         "name": run_dir.name,
         "state": status.get("state", "new"),
         "reason": status.get("reason"),
-        "step": last.get("step"),
-        "tokens": last.get("tokens"),
-        "loss": _last(rows, "loss"),
-        "val_loss": _last(rows, "val_loss"),
-        "lr": _last(rows, "lr"),
-        "tokens_per_s": _last(rows, "tokens_per_s"),
-        "rows": len(rows),
+        **{key: latest.get(key) for key in ("step", "tokens", "loss", "val_loss", "lr", "tokens_per_s")},
+        "rows": len(lines),
         "updated": _mtime(run_dir),
         "checkpoints": len(checkpoint_dirs(run_dir)),
         "has": {"samples": (run_dir / SAMPLES).is_file(), "eval": (run_dir / EVAL_JSON).is_file(),

@@ -43,6 +43,11 @@ def install(app: FastAPI) -> None:
     def root(request: Request) -> Path:
         return Path(request.app.state.registry.root)
 
+    def only(request: Request) -> set[str] | None:
+        # `gptlab serve runs/tiny` serves one run: its dashboard shows that run, not the others beside it
+        single = getattr(request.app.state.registry, "single", None)
+        return None if single is None else {Path(single).name}
+
     def page(name: str):
         # no-cache: a page from an older gptlab must not outlive an upgrade in the browser's cache
         return FileResponse(STATIC / name, media_type="text/html", headers={"Cache-Control": "no-cache"})
@@ -66,9 +71,9 @@ def install(app: FastAPI) -> None:
     def api_runs(request: Request):
         folder = root(request)
         runs = []
-        for name in dashboard.list_runs(folder):
+        for name in dashboard.list_runs(folder, only(request)):
             try:
-                runs.append(dashboard.run_summary(dashboard.find_run(folder, name)))
+                runs.append(dashboard.run_summary(dashboard.find_run(folder, name, only(request))))
             except dashboard.UnknownRun:  # removed between listing and reading
                 continue
         return {"object": "list", "root": str(folder), "data": runs}
@@ -76,7 +81,7 @@ def install(app: FastAPI) -> None:
     def run_route(suffix: str, read):
         def handler(name: str, request: Request):
             try:
-                run_dir = dashboard.find_run(root(request), name)
+                run_dir = dashboard.find_run(root(request), name, only(request))
             except dashboard.UnknownRun:
                 return _no_run(name)
             return read(run_dir, request)
@@ -94,7 +99,7 @@ def install(app: FastAPI) -> None:
         if not since.isdigit() or len(since) > 12:
             return error(400, f"since must be a row number (0 or more), not {since!r}", "invalid_since")
         try:
-            run_dir = dashboard.find_run(root(request), name)
+            run_dir = dashboard.find_run(root(request), name, only(request))
         except dashboard.UnknownRun:
             return _no_run(name)
         return dashboard.metrics_since(run_dir, int(since))
