@@ -158,6 +158,10 @@ def test_playground_streams_text_and_shows_each_tokens_probability(browser, serv
     assert page.is_disabled("input[name=mode][value=chat]")
     assert "base model" in page.inner_text("#mode-note")
     page.fill("#prompt", "Once upon a time")
+    # Stop aborts the request (clicked at once here, so the stream cannot have ended first)
+    page.evaluate("() => { document.getElementById('generate').click(); document.getElementById('stop-btn').click(); }")
+    page.wait_for_selector("#output[data-state=done]")
+    assert "stopped" in page.inner_text("#status") and page.is_enabled("#generate")
     page.fill("#seed", "3")
     page.eval_on_selector("#max_tokens", "e => { e.value = 60; e.dispatchEvent(new Event('input')); }")
     # record the number of token spans at every change of the output while it streams

@@ -17,7 +17,7 @@ class LineChart {
     container.dataset.points = "0";
     this.legend = gl.el("div", { class: "legend" });
     container.append(
-      gl.el("div", { class: "title" }, gl.el("span", { text: this.options.title }), this.legend),
+      gl.el("div", { class: "title" }, this.titleText = gl.el("span", { text: this.options.title }), this.legend),
       this.canvas = gl.el("canvas"),
       this.readout = gl.el("div", { class: "readout hidden" }));
     this.canvas.addEventListener("mousemove", e => { this.hover = this.canvasPoint(e); this.draw(); });
@@ -56,11 +56,27 @@ class LineChart {
     return { lo: Math.min(lo, out[0]), hi: Math.max(hi, out[out.length - 1]), values: out, step };
   }
 
+  // Round values on a log axis covering [lo, hi] (log10 units): 1-2-3-5 per decade, fewer when they crowd.
+  static logTicks(lo, hi, count) {
+    for (const ms of [[1, 2, 3, 5], [1, 2, 5], [1, 3], [1]]) {
+      const values = [];
+      for (let e = Math.floor(lo) - 1; e <= Math.ceil(hi); e++) {
+        for (const m of ms) {
+          const v = Math.log10(m) + e;
+          if (v >= lo - 1e-9 && v <= hi + 1e-9) values.push(v);
+        }
+      }
+      if (values.length <= count + 2 || ms.length === 1) return { lo, hi, values, step: 0 };
+    }
+  }
+
   static label(v, step) {
     const a = Math.abs(v);
-    if (a >= 1e9) return (v / 1e9).toPrecision(3).replace(/\.?0+$/, "") + "B";
-    if (a >= 1e6) return (v / 1e6).toPrecision(3).replace(/\.?0+$/, "") + "M";
-    if (a >= 1e3) return (v / 1e3).toPrecision(3).replace(/\.?0+$/, "") + "k";
+    const short = x => x.toPrecision(3).replace(/(\.\d*?)0+$/, "$1").replace(/\.$/, "");  // 100.0 -> 100, 1.50 -> 1.5
+    if (a >= 1e9) return short(v / 1e9) + "B";
+    if (a >= 1e6) return short(v / 1e6) + "M";
+    if (a >= 1e3) return short(v / 1e3) + "k";
+    if (step === 0) return short(v);
     if (a !== 0 && a < 1e-3) return v.toExponential(1);
     const decimals = Math.max(0, Math.min(6, -Math.floor(Math.log10(step || 1) + 1e-9)));
     return v.toFixed(decimals);
@@ -103,10 +119,11 @@ class LineChart {
       if (y > yhi) yhi = y;
     }
     const pad = (yhi - ylo) * 0.05;
-    const yt = LineChart.ticks(ylo - pad, yhi + pad, Math.max(3, Math.floor(h / 45)));
+    const yt = log ? LineChart.logTicks(ylo - pad, yhi + pad, Math.max(3, Math.floor(h / 45)))
+      : LineChart.ticks(ylo - pad, yhi + pad, Math.max(3, Math.floor(h / 45)));
     const xt = LineChart.ticks(xlo, xhi, Math.max(3, Math.floor(w / 90)));
     ylo = yt.lo; yhi = yt.hi; xlo = xt.lo; xhi = xt.hi;
-    const ylabels = yt.values.map(v => log ? LineChart.label(Math.pow(10, v), Math.pow(10, v) / 10) : LineChart.label(v, yt.step));
+    const ylabels = yt.values.map(v => log ? LineChart.label(Math.pow(10, v), 0) : LineChart.label(v, yt.step));
     const left = 10 + Math.max(...ylabels.map(l => ctx.measureText(l).width)), right = 12, top = 8, bottom = 34;
     const X = x => left + (x - xlo) / (xhi - xlo || 1) * (w - left - right);
     const Y = y => top + (1 - (ty(y) - ylo) / (yhi - ylo || 1)) * (h - top - bottom);
@@ -125,7 +142,8 @@ class LineChart {
       ctx.beginPath(); ctx.moveTo(x, top); ctx.lineTo(x, h - bottom); ctx.stroke();
       ctx.fillText(LineChart.label(v, xt.step), x, h - bottom + 4);
     }
-    ctx.fillText(this.options.x + (log ? "   (log scale)" : ""), left + (w - left - right) / 2, h - 14);
+    ctx.fillText(this.options.x, left + (w - left - right) / 2, h - 14);
+    this.titleText.textContent = this.options.title + (log ? " (log scale)" : "");
 
     // the series
     for (const s of this.series) {
