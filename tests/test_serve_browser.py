@@ -263,6 +263,16 @@ def test_dashboard_follows_a_run_while_it_trains(browser, server, story_data, tm
         assert page.inner_text("#run-state") == "finished"
         assert int(chart.get_attribute("data-points")) >= after
         assert "[model]" in page.inner_text("#config")
+
+        # two runs ticked on the list: their curves overlaid, one series each
+        page.goto(url + "/runs")
+        for name in ("live", "stories"):
+            page.check(f"tr[data-run={name}] input[type=checkbox]")
+        overlay = page.locator("#compare-charts [data-chart=loss]")
+        overlay.wait_for()
+        page.wait_for_function("document.querySelector('#compare-charts [data-chart=loss]').dataset.points >= 150")
+        assert overlay.locator(".legend span").all_inner_texts() == ["live", "stories"]
+        assert "#compare=live,stories" in page.url
         assert not errors, errors
     finally:
         if trainer.poll() is None:
