@@ -103,9 +103,3 @@ def install(app: FastAPI) -> None:
         except dashboard.UnknownRun:
             return _no_run(name)
         return dashboard.metrics_since(run_dir, int(since))
-
-    # Anything else under /api (a name with a "/" in it, "../x" after the client resolved it, a typo) gets
-    # the same error body rather than the framework's {"detail": ...}.
-    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
-    def api_unknown(rest: str):
-        return error(404, f"no such endpoint /api/{rest}: see /api/runs", "not_found")
