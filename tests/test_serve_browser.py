@@ -115,8 +115,9 @@ def server(tmp_path_factory, story_data, make_export_run, chat_tokenizer):
     torch.set_num_threads(threads)
     from gptlab.tokenizer import load_tokenizer
 
-    shutil.copytree(make_export_run("chat-random", tokenizer=load_tokenizer(chat_tokenizer), context_length=128),
-                    root / "chat-random")
+    # wider and deeper than the tiny model, so that its tokens come at a pace a browser sees arrive
+    shutil.copytree(make_export_run("chat-random-256", tokenizer=load_tokenizer(chat_tokenizer), context_length=256,
+                                    n_layer=4, d_model=128), root / "chat-random")
     registry = Registry(root, slots=4, threads=1)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,18 +154,12 @@ def test_playground_streams_text_and_shows_each_tokens_probability(browser, serv
     page, errors = new_page(browser)
     page.goto(url + "/")
     page.wait_for_selector("#model option[value=stories]", state="attached")
-    page.select_option("#model", "stories")
-    # a base model: chat is off, and the page says why
-    assert page.is_disabled("input[name=mode][value=chat]")
-    assert "base model" in page.inner_text("#mode-note")
     page.fill("#prompt", "Once upon a time")
-    # Stop aborts the request (clicked at once here, so the stream cannot have ended first)
-    page.evaluate("() => { document.getElementById('generate').click(); document.getElementById('stop-btn').click(); }")
-    page.wait_for_selector("#output[data-state=done]")
-    assert "stopped" in page.inner_text("#status") and page.is_enabled("#generate")
-    page.fill("#seed", "3")
-    page.eval_on_selector("#max_tokens", "e => { e.value = 60; e.dispatchEvent(new Event('input')); }")
-    # record the number of token spans at every change of the output while it streams
+
+    # streaming: chat-random (random weights, so it never ends early) writes 200 tokens; count the token
+    # spans at every change of the output while it streams
+    page.select_option("#model", "chat-random")
+    page.eval_on_selector("#max_tokens", "e => { e.value = 200; e.dispatchEvent(new Event('input')); }")
     page.evaluate("""() => {
         const out = document.getElementById('output');
         window.seen = [];
@@ -177,11 +172,25 @@ def test_playground_streams_text_and_shows_each_tokens_probability(browser, serv
     seen = page.evaluate("window.seen")
     final = page.locator("#output .tok").count()
     growing = sorted({n for n in seen if 0 < n < final})
-    assert final >= 2 and growing, f"the output did not stream: token counts seen {seen}, final {final}"
+    assert final == 200 and len(growing) >= 3, f"the output did not stream: token counts seen {seen}, final {final}"
+    assert "200 tokens" in page.inner_text("#status") and "max_tokens" in page.inner_text("#status")
+
+    # Stop aborts the request (clicked at once here, so the stream cannot have ended first)
+    page.evaluate("() => { document.getElementById('generate').click(); document.getElementById('stop-btn').click(); }")
+    page.wait_for_selector("#output[data-state=done]")
+    assert "stopped" in page.inner_text("#status") and page.is_enabled("#generate")
+
+    # a base model: chat is off, and the page says why; its text, and each token's probability on hover
+    page.select_option("#model", "stories")
+    assert page.is_disabled("input[name=mode][value=chat]")
+    assert "base model" in page.inner_text("#mode-note")
+    page.fill("#seed", "3")
+    page.eval_on_selector("#max_tokens", "e => { e.value = 60; e.dispatchEvent(new Event('input')); }")
+    page.click("#generate")
+    page.wait_for_selector("#output[data-state=done]", timeout=20_000)
     generated = "".join(page.locator("#output .tok").all_inner_texts())
     assert generated.strip(), "nothing generated"
     assert page.inner_text("#output").startswith("Once upon a time")
-    assert "tokens" in page.inner_text("#status")
 
     page.hover("#output .tok >> nth=1")
     tip = page.locator("#tooltip")

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from gptlab.runs import write_status
 from gptlab.serve import app as app_module
 from gptlab.serve.app import create_app
+from gptlab.serve.dashboard import metrics_since
 from gptlab.serve.registry import Registry
 from gptlab.train.metrics import append_sample
 
@@ -91,15 +92,18 @@ def test_metrics_rows_since_a_row_follow_a_growing_file(client, runs_root):
     tail = client.get("/api/runs/run-1-layer/metrics?since=2").json()
     assert [r["step"] for r in tail["rows"]] == [6, 8] and tail["since"] == 2 and not tail["reset"]
     assert client.get("/api/runs/run-1-layer/metrics?since=4").json()["rows"] == []
+    # a long history comes in pieces of at most MAX_ROWS rows
+    piece = metrics_since(runs_root / "run-1-layer", since=1, limit=2)
+    assert [r["step"] for r in piece["rows"]] == [4, 6] and piece["next"] == 3 and piece["total"] == 4
 
     # the run that trains: a new row appears for the next poll; a row still being written does not
     live = runs_root / "live" / "metrics.csv"
     first = client.get("/api/runs/live/metrics?since=0").json()
-    assert first["total"] == 3
+    assert first["total"] == first["next"] == 3
     row8 = (runs_root / "run-1-layer" / "metrics.csv").read_text(encoding="utf-8").splitlines()[4]
     with live.open("a", encoding="utf-8") as f:
         f.write(row8 + "\n" + row8[:10])  # a whole row, then half of the next
-    more = client.get(f"/api/runs/live/metrics?since={first['total']}").json()
+    more = client.get(f"/api/runs/live/metrics?since={first['next']}").json()
     assert [r["step"] for r in more["rows"]] == [8] and more["total"] == 4
     # a resumed run rewrites metrics.csv shorter: the page is told to start again
     again = client.get("/api/runs/live/metrics?since=50").json()

@@ -24,6 +24,7 @@ METRICS = "metrics.csv"
 SAMPLES = "samples.md"
 SUMMARY = "summary.json"
 MAX_TEXT = 1_000_000  # the most characters of a text file (config, samples, eval.md) a response carries
+MAX_ROWS = 20_000  # the most metrics rows one response carries (~3 MB of JSON)
 
 
 class UnknownRun(LookupError):
@@ -90,13 +91,15 @@ def _rows(header: list[str], lines) -> list[dict]:
     return rows
 
 
-def metrics_since(run_dir: Path, since: int = 0) -> dict:
-    """The rows from row `since` on, and `total` (the next `since`). A resumed run rewrites metrics.csv
-    without the rows after its checkpoint, so fewer rows than `since`: `reset` says to start again from 0."""
+def metrics_since(run_dir: Path, since: int = 0, limit: int = MAX_ROWS) -> dict:
+    """Up to `limit` rows from row `since` on; `next` is the since of the next call, `total` the rows there are
+    (a long run's history comes in a few calls). A resumed run rewrites metrics.csv without the rows after
+    its checkpoint, so fewer rows than `since`: `reset` says to start again from 0."""
     header, lines = _metric_lines(run_dir)
     reset = since > len(lines)
     start = 0 if reset else max(since, 0)
-    return {"columns": COLUMNS, "rows": _rows(header, lines[start:]), "since": start, "total": len(lines), "reset": reset}
+    rows = _rows(header, lines[start:start + limit])
+    return {"columns": COLUMNS, "rows": rows, "since": start, "next": start + len(rows), "total": len(lines), "reset": reset}
 
 
 def _latest(header: list[str], lines: list[str], keys: tuple[str, ...]) -> dict:

@@ -6,7 +6,7 @@
 (() => {
   const $ = id => document.getElementById(id);
   const POLL = 2000;
-  const runs = {};            // name -> {rows: [...], total} (metrics rows fetched so far)
+  const runs = {};            // name -> {rows: [...], next} (the metrics rows fetched so far, the next row to ask for)
   let xAxis = localStorage.getItem("gptlab.xaxis") === "tokens" ? "tokens" : "step";
 
   function showError(e) {
@@ -16,14 +16,19 @@
 
   const api = name => "/api/runs/" + encodeURIComponent(name);
 
-  // Fetch the rows added since the last call; a rewritten metrics.csv (a resumed run) starts over.
+  // Fetch the rows added since the last call (a long history in several calls); a rewritten metrics.csv
+  // (a resumed run) starts over. True when there is something new to draw.
   async function pull(name) {
-    const run = runs[name] || (runs[name] = { rows: [], total: 0 });
-    const r = await gl.getJSON(api(name) + "/metrics?since=" + run.total);
-    if (r.reset) run.rows = [];
-    run.rows.push(...r.rows);
-    run.total = r.total;
-    return r.rows.length > 0 || r.reset;
+    const run = runs[name] || (runs[name] = { rows: [], next: 0 });
+    let changed = false;
+    for (;;) {
+      const r = await gl.getJSON(api(name) + "/metrics?since=" + run.next);
+      if (r.reset) run.rows = [];
+      for (const row of r.rows) run.rows.push(row);  // not push(...rows): too many arguments for a long run
+      run.next = r.next;
+      changed = changed || r.rows.length > 0 || r.reset;
+      if (!r.rows.length || r.next >= r.total) return changed;
+    }
   }
 
   function points(rows, key) {
