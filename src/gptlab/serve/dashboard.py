@@ -82,13 +82,12 @@ def _metric_lines(run_dir: Path) -> tuple[list[str], list[str]]:
     return next(csv.reader(lines[:1])), [line for line in lines[1:] if line.strip()]
 
 
-def _rows(header: list[str], lines) -> list[dict]:
-    rows = []
+def _rows(header: list[str], lines):
+    """The rows of these lines as numbers (a generator: a reader going backwards stops when it has enough)."""
     for values in csv.reader(lines):
         row = dict(zip(header, values))
         if row.get("step"):
-            rows.append({k: _number(row.get(k, "")) for k in COLUMNS})
-    return rows
+            yield {k: _number(row.get(k, "")) for k in COLUMNS}
 
 
 def metrics_since(run_dir: Path, since: int = 0, limit: int = MAX_ROWS) -> dict:
@@ -98,8 +97,9 @@ def metrics_since(run_dir: Path, since: int = 0, limit: int = MAX_ROWS) -> dict:
     header, lines = _metric_lines(run_dir)
     reset = since > len(lines)
     start = 0 if reset else max(since, 0)
-    rows = _rows(header, lines[start:start + limit])
-    return {"columns": COLUMNS, "rows": rows, "since": start, "next": start + len(rows), "total": len(lines), "reset": reset}
+    piece = lines[start:start + limit]
+    return {"columns": COLUMNS, "rows": list(_rows(header, piece)), "since": start, "next": start + len(piece),
+            "total": len(lines), "reset": reset}
 
 
 def _latest(header: list[str], lines: list[str], keys: tuple[str, ...]) -> dict:

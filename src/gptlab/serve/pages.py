@@ -84,19 +84,19 @@ def install(app: FastAPI) -> None:
                 run_dir = dashboard.find_run(root(request), name, only(request))
             except dashboard.UnknownRun:
                 return _no_run(name)
-            return read(run_dir, request)
+            return read(run_dir)
 
         app.add_api_route(f"/api/runs/{{name}}{suffix}", handler, methods=["GET"], name=f"api_run{suffix.replace('/', '_')}")
 
-    run_route("", lambda run_dir, request: dashboard.run_summary(run_dir))
-    run_route("/samples", lambda run_dir, request: {"data": dashboard.read_samples(run_dir)})
-    run_route("/eval", lambda run_dir, request: dashboard.read_eval(run_dir))
-    run_route("/config", lambda run_dir, request: dashboard.read_config(run_dir))
+    run_route("", dashboard.run_summary)
+    run_route("/samples", lambda run_dir: {"data": dashboard.read_samples(run_dir)})
+    run_route("/eval", dashboard.read_eval)
+    run_route("/config", dashboard.read_config)
 
     @app.get("/api/runs/{name}/metrics")
     def api_metrics(name: str, request: Request, since: str = "0"):
         # read by hand, not as an int parameter: a bad value gets this API's error body, not the framework's
-        if not since.isdigit() or len(since) > 12:
+        if not (since.isascii() and since.isdigit()) or len(since) > 12:
             return error(400, f"since must be a row number (0 or more), not {since!r}", "invalid_since")
         try:
             run_dir = dashboard.find_run(root(request), name, only(request))
