@@ -19,22 +19,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from gptlab.serve import dashboard
+from gptlab.serve.openai_api import ApiError
 
 STATIC = Path(__file__).parent / "static"
 
 
-def error(status: int, message: str, code: str, kind: str = "invalid_request_error") -> JSONResponse:
-    """An OpenAI-style error body, as /v1/* answers."""
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
-
-
-def _no_run(name: str) -> JSONResponse:
-    return error(404, f"no run named {name!r} in the served folder (a run is a folder with config.toml or metrics.csv)",
-                 "run_not_found")
+def _no_run(name: str) -> ApiError:
+    # raised, the app answers it in OpenAI's error shape, as /v1/* errors
+    return ApiError(404, f"no run named {name!r} in the served folder (a run is a folder with config.toml or metrics.csv)",
+                    code="run_not_found")
 
 
 def install(app: FastAPI) -> None:
@@ -83,7 +80,7 @@ def install(app: FastAPI) -> None:
             try:
                 run_dir = dashboard.find_run(root(request), name, only(request))
             except dashboard.UnknownRun:
-                return _no_run(name)
+                raise _no_run(name) from None
             return read(run_dir)
 
         app.add_api_route(f"/api/runs/{{name}}{suffix}", handler, methods=["GET"], name=f"api_run{suffix.replace('/', '_')}")
@@ -97,9 +94,9 @@ def install(app: FastAPI) -> None:
     def api_metrics(name: str, request: Request, since: str = "0"):
         # read by hand, not as an int parameter: a bad value gets this API's error body, not the framework's
         if not (since.isascii() and since.isdigit()) or len(since) > 12:
-            return error(400, f"since must be a row number (0 or more), not {since!r}", "invalid_since")
+            raise ApiError(400, f"since must be a row number (0 or more), not {since!r}", param="since", code="invalid_since")
         try:
             run_dir = dashboard.find_run(root(request), name, only(request))
         except dashboard.UnknownRun:
-            return _no_run(name)
+            raise _no_run(name) from None
         return dashboard.metrics_since(run_dir, int(since))
