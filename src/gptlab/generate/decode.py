@@ -64,7 +64,7 @@ class Decoder:
 
     def __init__(self, model: GPT, *, greedy: bool, compile: bool | str = "auto", steps: int = 0):
         self.model, self.greedy, self.steps_left = model, greedy, steps
-        device = next(model.parameters()).device
+        self.device = device = next(model.parameters()).device
         if compile == "auto":
             self.mode = "probe" if can_compile(device) else "eager"
         elif compile and not can_compile(device):
@@ -72,7 +72,6 @@ class Decoder:
                               "sample with compile=false")
         else:
             self.mode = "compiled" if compile else "eager"
-        self.min_seconds = COMPILE_MIN_SECONDS.get(device.type, float("inf"))
         self.eager = _greedy_step if greedy else _model_step
         self.probe_start: float | None = None
         self.probed = 0
@@ -107,5 +106,10 @@ class Decoder:
             self.probed += 1
         if self.probed == PROBE_STEPS:
             per_step = (time.perf_counter() - self.probe_start) / PROBE_STEPS
-            self.mode = "compiled" if per_step * self.steps_left >= self.min_seconds else "eager"
+            self.mode = "compiled" if worth_compiling(per_step, self.steps_left, self.device.type) else "eager"
         return self.eager(self.model, cache.step(), token)
+
+
+def worth_compiling(seconds_per_step: float, steps_left: int, device_type: str) -> bool:
+    """compile="auto": whether the eager decoding still ahead would take COMPILE_MIN_SECONDS or more."""
+    return seconds_per_step * steps_left >= COMPILE_MIN_SECONDS.get(device_type, float("inf"))

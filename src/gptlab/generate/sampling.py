@@ -257,6 +257,7 @@ def generate(
         eos_id=stop_ids if stop_ids is not None else tokenizer.eos_id if cfg.stop_at_eos else None,
         generator=generator,
         on_step=stream,
+        compile=cfg.compile,
     )
     if stream is not None:
         stream.finish()

@@ -22,7 +22,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.start = self.length = 0  # the positions being written are [start, length)
+        self.start = self._length = 0  # the positions being written are [start, length)
         # the same state as tensors, for StepRows: the last column written, each row's real tokens so far
         self.column = torch.full((1,), -1, dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -33,7 +33,6 @@ class KVCache:
         T = valid.size(1)
         self._advance(T)
         self.valid[:, self.start : self.length] = valid
-        self.valid[:, self.length :] = False  # what a rewind (setting `length` back) left behind
         seen = self.valid[:, : self.start].sum(dim=1, keepdim=True)
         positions = (seen + valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
         self.seen.copy_(seen + valid.sum(dim=1, keepdim=True))
@@ -63,10 +62,23 @@ class KVCache:
         self._advance(1)
         return self._step
 
+    @property
+    def length(self) -> int:
+        """Positions filled. Setting it back rewinds the cache: what came after is forgotten (HellaSwag's
+        endings each continue the same context)."""
+        return self._length
+
+    @length.setter
+    def length(self, length: int) -> None:
+        self._length = length
+        self.valid[:, length:] = False
+        self.seen.copy_(self.valid.sum(dim=1, keepdim=True))
+        self.column.fill_(length - 1)
+
     def _advance(self, T: int) -> None:
-        if self.length + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} used, {T} more asked")
-        self.start, self.length = self.length, self.length + T
+        if self._length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self._length} used, {T} more asked")
+        self.start, self._length = self._length, self._length + T
 
 
 class StepRows:
