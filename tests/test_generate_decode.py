@@ -8,6 +8,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import sample_tokens
 from gptlab.generate.decode import COMPILE_MIN_SECONDS, Decoder, worth_compiling
 from gptlab.model import GPT, KVCache
+from gptlab.model.gpt import one_query_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -48,6 +49,16 @@ def test_steps_after_left_padding_and_after_a_rewind_see_only_real_tokens():
         again, _ = model(torch.tensor([[15], [16]]), cache=cache.step())
     assert (again[0, -1] - model(torch.tensor([short + [11, 15]]))[0][0, -1]).abs().max() < 1e-5
     assert (again[1, -1] - model(torch.tensor([long + [12, 16]]))[0][0, -1]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+def test_one_query_attention_is_the_fused_kernels(heads, kv_heads):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, t, 8, generator=g) for h, t in ((heads, 1), (kv_heads, 10), (kv_heads, 10)))
+    mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
+    mask[:, ..., 0] = True  # every row sees a key
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads)
+    assert (one_query_attention(q, k, v, mask) - fused).abs().max() < 1e-5
 
 
 def test_auto_compiles_only_long_generations():
