@@ -114,8 +114,11 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python's low-level API: B sequences in one context, one token each a step."""
 
     def __init__(self, gguf: Path, threads: int, context: int, max_batch: int):
+        import logging
+
         import llama_cpp as L
 
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp's own log lines, through the binding
         self.L = L
         L.llama_backend_init()
         params = L.llama_model_default_params()

@@ -11,10 +11,10 @@ class KVCache:
     `valid` marks real tokens (False at left padding), so prompts of different lengths share a batch:
     each row's positions count only its real tokens, and no query ever attends to padding.
 
-    Two ways in. GPT.forward(cache=cache) appends any number of tokens a row (a prompt; attention reads the
-    columns filled so far). GPT.forward(cache=cache.step()) appends one token a row through `StepRows`,
-    whose shapes never change (attention reads every column, unfilled ones masked) and whose state is
-    tensors, not Python ints: a torch.compile'd decode step is traced once, not once a position.
+    Two ways in, both reading the columns filled so far. GPT.forward(cache=cache) appends any number of
+    tokens a row (a prompt). GPT.forward(cache=cache.step()) appends one token a row through `StepRows`,
+    whose state is tensors, not Python ints, and whose only changing shape is the number of columns read,
+    marked dynamic: a torch.compile'd decode step is traced once for every position, not once a position.
     """
 
     def __init__(self, batch_size: int, max_len: int, device=None):
@@ -60,6 +60,11 @@ class KVCache:
     def step(self) -> StepRows:
         """The cache continued by one real token a row (a decode step): pass it to GPT.forward as `cache`."""
         self._advance(1)
+        self.valid[:, self.start] = True
+        # the columns attention reads: those filled so far, as a view of `valid` made here, outside a compiled
+        # step; its width is a tensor size torch.compile keeps symbolic (one graph for every length)
+        self._step.mask = self.valid[:, None, None, : self.length]
+        torch._dynamo.maybe_mark_dynamic(self._step.mask, 3)
         return self._step
 
     @property
@@ -82,26 +87,27 @@ class KVCache:
 
 
 class StepRows:
-    """One real token a row written at its KVCache's next column, every shape fixed: the keys read are all
-    max_len columns, unfilled and padding ones masked. Reads and writes only tensors (column, seen, valid,
-    the keys), so the same compiled step serves every position; KVCache.step() keeps the Python count."""
+    """One real token a row written at its KVCache's next column (KVCache.step() keeps the Python count and
+    marks the column real). Reads and writes only tensors (column, seen, the keys, the mask), so the same
+    compiled step serves every position."""
 
     def __init__(self, cache: KVCache):
         self.cache = cache
+        self.mask = cache.valid[:, None, None, :]  # set by KVCache.step()
 
     def append(self, valid: torch.Tensor):
         cache = self.cache
         cache.column += 1
-        cache.valid.index_fill_(1, cache.column, True)
         positions = cache.seen.clone()  # [B, 1]: each row's real tokens before this one
         cache.seen += 1
-        return positions, cache.valid[:, None, None, :]  # [B, 1, 1, max_len]
+        return positions, self.mask  # [B, 1, 1, width]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.cache.layer(layer, k, v)
         keys.index_copy_(2, self.cache.column, k)
         values.index_copy_(2, self.cache.column, v)
-        return keys, values
+        width = self.mask.size(-1)
+        return keys[:, :, :width], values[:, :, :width]
 
 
 class SlotCache:
