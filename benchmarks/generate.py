@@ -233,9 +233,9 @@ def main() -> int:
         for name, engine in engines.items():
             (_, warm) = engine.generate(prompts, 8) if not isinstance(engine, Gptlab) or engine.compile is not True \
                 else engine.generate(prompts, args.new_tokens)  # the compile happens here, at this batch size
-            warm_note = f"warm-up {warm:.1f} s"
-            if isinstance(engine, Gptlab) and engine.compile_seconds:
-                warm_note += f", of which compiling {engine.compile_seconds:.1f} s"
+            compiling = engine.compile_seconds if isinstance(engine, Gptlab) else 0.0
+            warm_note = f"warm-up {warm + compiling:.1f} s" + (f", of which compiling {compiling:.1f} s" if compiling else "")
+            if compiling:
                 engine.compile_seconds = 0.0
             new, seconds = engine.generate(prompts, args.new_tokens)
             assert all(len(row) == args.new_tokens for row in new), f"{name} stopped early"
