@@ -52,7 +52,9 @@ class KVCache:
     def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """A layer's key and value tensors, allocated at first use with the dtype and device of the model's keys."""
         if layer not in self.keys:
-            shape = (self.batch_size, k.size(1), self.max_len, k.size(3))
+            # one column more than ever filled: the filled columns are then never the whole tensor, so their
+            # slice has the same kind of strides at every length (a compiled step is not retraced at a full cache)
+            shape = (self.batch_size, k.size(1), self.max_len + 1, k.size(3))
             self.keys[layer] = k.new_zeros(shape)
             self.values[layer] = v.new_zeros(shape)
         return self.keys[layer], self.values[layer]
@@ -61,9 +63,10 @@ class KVCache:
         """The cache continued by one real token a row (a decode step): pass it to GPT.forward as `cache`."""
         self._advance(1)
         self.valid[:, self.start] = True
-        # the columns attention reads: those filled so far, as a view of `valid` made here, outside a compiled
-        # step; its width is a tensor size torch.compile keeps symbolic (one graph for every length)
-        self._step.mask = self.valid[:, None, None, : self.length]
+        # the columns attention reads: those filled so far, made here, outside a compiled step; its width is a
+        # tensor size torch.compile keeps symbolic (one graph for every length). A copy, not a view of `valid`:
+        # a view's strides change kind when it spans every column, which a compiled step would be retraced for
+        self._step.mask = self.valid[:, None, None, : self.length].contiguous()
         torch._dynamo.maybe_mark_dynamic(self._step.mask, 3)
         return self._step
 
