@@ -17,10 +17,14 @@ padding), --new-tokens tokens a row with no stop at EOS, on the CPU with --threa
                 the decode step torch.compile'd (compile=True; the compile is a warm-up run, excluded and
                 printed), "eager" without (compile=False), "default" as `gptlab sample` runs it (compile="auto")
   transformers  LlamaForCausalLM.from_pretrained(export).generate(do_sample=False), its default cache
-  llama.cpp     llama-cpp-python's low-level API on the GGUF: one context with n_seq_max = batch, each step one
-                llama_batch of one token per sequence, llama_decode, the greedy sampler on each sequence's logits
-Every engine gets one short warm-up generation first (printed, not counted). The three should agree on the
-tokens (same weights, greedy): the agreement is printed as a check that they ran the same model.
+  llama.cpp     llama-cpp-python's low-level API on the GGUF: one context with n_seq_max = batch (a float32 KV
+                cache, as the others keep), each step one llama_batch of one token per sequence, llama_decode,
+                the greedy sampler on each sequence's logits
+Every engine gets one short warm-up generation first (printed, not counted; gptlab compiled's is a whole
+generation, which compiles the step). The engines should agree on the tokens (same weights, greedy): the
+share agreed, each row up to its first difference, is printed as a check that they ran the same model.
+transformers agrees on every token; llama.cpp parts where gptlab's top two logits are within rounding
+(e.g. 8.3064 against 8.3035 at the 59th token of batch 1's row), after which greedy rows go their own ways.
 
 Only speed is compared; other processes on a shared machine slow a run down, so compare the ratios of one run.
 """
@@ -134,6 +138,7 @@ class LlamaCpp:
         params.n_batch = params.n_ubatch = max(B * P, 512)
         params.n_seq_max = B
         params.n_threads = params.n_threads_batch = self.threads
+        params.type_k = params.type_v = L.GGML_TYPE_F32  # float32 like the weights and the other engines (default: f16)
         ctx = L.llama_init_from_model(self.model, params)
         batch = L.llama_batch_init(B * P, 0, B)
         out = [[] for _ in range(B)]
