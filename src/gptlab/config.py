@@ -440,6 +440,8 @@ class SampleConfig(Section):
     """end a sample at the EOS token"""
     best_of: int = Field(1, ge=1)
     """draw N candidates per sample, keep the one with the highest mean log-probability"""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the decode step; auto: when the generation is long enough to pay the compile time back"""
 
 
 # --------------------------------------------------------------------------- eval

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from gptlab.config import DataConfig, SampleConfig
 from gptlab.errors import GptlabError
+from gptlab.generate.decode import Decoder, greedy_pick
 from gptlab.model import GPT, KVCache
 
 # When a sequence outgrows the context, generation continues from its last 3/4 context (a fresh prefill).
@@ -60,16 +61,20 @@ def sample_tokens(
     eos_id: int | Collection[int] | None = None,
     generator: torch.Generator | None = None,
     on_step: Callable[[list[int | None]], None] | None = None,
+    compile: bool | str = "auto",
+    stats: dict | None = None,
 ) -> tuple[list[list[int]], list[float]]:
     """Continue every prompt (token ids, each non-empty) in one batch.
 
     Returns the new tokens of each row (stopping before eos_id, if given: one id or several, e.g. a chat
     model's <|end|> and EOS) and their mean log-probability under the model (temperature 1, EOS included).
-    on_step gets each step's token per row (None once a row has stopped).
+    on_step gets each step's token per row (None once a row has stopped). compile: torch.compile the
+    decode step (True / False / "auto": where the generation is long enough to pay for it; see
+    gptlab.generate.decode). stats, if given, receives "compile_seconds" (time spent compiling).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the cache path runs eagerly
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model: the cache path compiles on its own
     device = next(model.parameters()).device
     rows, width = len(prompts), max(len(p) for p in prompts)
     context = model.cfg.context_length
@@ -84,47 +89,73 @@ def sample_tokens(
         tokens[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
         valid[i, width - len(p) :] = True
 
-    if isinstance(eos_id, int):
-        eos_id = [eos_id]
-    stop = torch.tensor(sorted(eos_id), dtype=torch.long, device=device) if eos_id else None
+    stop_ids = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
+    greedy = temperature == 0
 
+    def pick(logits):  # [B, V] fp32 -> (token [B], its log-probability [B])
+        if greedy:
+            return greedy_pick(logits)
+        token = next_token(logits, temperature, top_k, top_p, generator)
+        return token, F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+
+    # Every step's token and log-probability go into preallocated tensors, read once at the end: the loop
+    # makes no Python lists, reads no values back (unless on_step or EOS asks) and grows no tensor.
+    out = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, max_new_tokens, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that drew a stop token
+    stopped_rows: set[int] = set()  # the same, in Python, when on_step needs it each step
+    decoder = Decoder(model, greedy=greedy, compile=compile, steps=max_new_tokens - 1)
     was_training = model.training
     model.eval()
     try:
         cache = KVCache(rows, context, device)
         logits, _ = model(tokens, cache=cache, valid=valid)
-        new = [[] for _ in range(rows)]
-        logprob_sum = torch.zeros(rows, device=device)
-        count = torch.zeros(rows, device=device)
-        running = torch.ones(rows, dtype=torch.bool, device=device)
+        token, logprob = pick(logits[:, -1].float())
+        steps = max_new_tokens
         for step in range(max_new_tokens):
-            logits = logits[:, -1].float()
-            token = next_token(logits, temperature, top_k, top_p, generator)
-            logprob = F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
-            logprob_sum += logprob * running
-            count += running
-            stopped = torch.isin(token, stop) if stop is not None else torch.zeros_like(running)
-            emitted = running & ~stopped  # EOS ends a row and is not part of its text
-            step_tokens = [t if e else None for t, e in zip(token.tolist(), emitted.tolist())]
-            for row, t in enumerate(step_tokens):
-                if t is not None:
-                    new[row].append(t)
-            running = emitted
+            out[:, step], logprobs[:, step] = token, logprob
             if on_step is not None:
-                on_step(step_tokens)
-            if not running.any() or step == max_new_tokens - 1:
+                step_tokens = [None if row in stopped_rows else t for row, t in enumerate(token.tolist())]
+                stopped_rows.update(row for row, t in enumerate(step_tokens) if t in stop_ids)
+                on_step([None if t in stop_ids else t for t in step_tokens])
+                if len(stopped_rows) == rows:
+                    steps = step + 1
+                    break
+            elif stop is not None:
+                finished |= torch.isin(token, stop)
+                if step % 8 == 7 and bool(finished.all()):  # read back every few steps, not every one
+                    steps = step + 1
+                    break
+            if step == max_new_tokens - 1:
                 break
-            tokens = torch.cat([tokens, token[:, None]], dim=1)
-            valid = torch.cat([valid, torch.ones_like(token[:, None], dtype=torch.bool)], dim=1)
             if cache.length == cache.max_len:  # context full: start again from its last part
                 keep = max(1, int(context * KEEP_FRACTION))
+                seq = torch.cat([tokens, out[:, : step + 1]], dim=1)[:, -keep:]
+                seq_valid = torch.cat([valid, torch.ones_like(out[:, : step + 1], dtype=torch.bool)], dim=1)[:, -keep:]
                 cache = KVCache(rows, context, device)
-                logits, _ = model(tokens[:, -keep:], cache=cache, valid=valid[:, -keep:])
+                logits, _ = model(seq, cache=cache, valid=seq_valid)
+                token, logprob = pick(logits[:, -1].float())
+            elif greedy:
+                token, logprob = decoder(cache, token)
             else:
-                logits, _ = model(token[:, None], cache=cache)
+                token, logprob = pick(decoder(cache, token))
     finally:
         model.train(was_training)
-    return new, (logprob_sum / count.clamp(min=1)).tolist()
+    if stats is not None:
+        stats["compile_seconds"] = decoder.compile_seconds
+    return _cut_at_stop(out[:, :steps].tolist(), logprobs[:, :steps].tolist(), stop_ids)
+
+
+def _cut_at_stop(out: list[list[int]], logprobs: list[list[float]], stop_ids: set[int]):
+    """Each row's tokens before its first stop token, and their mean log-probability (the stop token's included)."""
+    new, means = [], []
+    for tokens, lps in zip(out, logprobs):
+        end = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+        new.append(tokens if end is None else tokens[:end])
+        scored = lps if end is None else lps[: end + 1]
+        means.append(sum(scored) / max(1, len(scored)))
+    return new, means
 
 
 def start_id(tokenizer, data: DataConfig | None = None) -> int | None:
@@ -226,6 +257,7 @@ def generate(
         eos_id=stop_ids if stop_ids is not None else tokenizer.eos_id if cfg.stop_at_eos else None,
         generator=generator,
         on_step=stream,
+        compile=cfg.compile,
     )
     if stream is not None:
         stream.finish()

@@ -10,6 +10,11 @@ class KVCache:
 
     `valid` marks real tokens (False at left padding), so prompts of different lengths share a batch:
     each row's positions count only its real tokens, and no query ever attends to padding.
+
+    Two ways in, both reading the columns filled so far. GPT.forward(cache=cache) appends any number of
+    tokens a row (a prompt). GPT.forward(cache=cache.step()) appends one token a row through `StepRows`,
+    whose state is tensors, not Python ints, and whose only changing shape is the number of columns read,
+    marked dynamic: a torch.compile'd decode step is traced once for every position, not once a position.
     """
 
     def __init__(self, batch_size: int, max_len: int, device=None):
@@ -17,17 +22,21 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
-        self.start = self.length = 0  # the positions being written are [start, length)
+        self.start = self._length = 0  # the positions being written are [start, length)
+        # the same state as tensors, for StepRows: the last column written, each row's real tokens so far
+        self.column = torch.full((1,), -1, dtype=torch.long, device=device)
+        self.seen = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self._step = StepRows(self)
 
     def append(self, valid: torch.Tensor):
         """Make room for T new tokens ([B, T] bool, True = real); return their positions and attention mask."""
         T = valid.size(1)
-        if self.length + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length} used, {T} more asked")
-        self.start, self.length = self.length, self.length + T
+        self._advance(T)
         self.valid[:, self.start : self.length] = valid
         seen = self.valid[:, : self.start].sum(dim=1, keepdim=True)
         positions = (seen + valid.long().cumsum(dim=1) - 1).clamp(min=0)  # [B, T]
+        self.seen.copy_(seen + valid.sum(dim=1, keepdim=True))
+        self.column.fill_(self.length - 1)
         query = torch.arange(self.start, self.length, device=valid.device)[:, None]
         key = torch.arange(self.length, device=valid.device)[None, :]
         # causal, no padding keys; a padding query sees itself so its softmax has no empty row (no NaN)
@@ -35,13 +44,73 @@ class KVCache:
         return positions, mask.unsqueeze(1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        if layer not in self.keys:  # allocated at first use: the dtype and device of the model's keys
-            shape = (self.batch_size, k.size(1), self.max_len, k.size(3))
+        keys, values = self.layer(layer, k, v)
+        keys[:, :, self.start : self.length] = k
+        values[:, :, self.start : self.length] = v
+        return keys[:, :, : self.length], values[:, :, : self.length]
+
+    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """A layer's key and value tensors, allocated at first use with the dtype and device of the model's keys."""
+        if layer not in self.keys:
+            # one column more than ever filled: the filled columns are then never the whole tensor, so their
+            # slice has the same kind of strides at every length (a compiled step is not retraced at a full cache)
+            shape = (self.batch_size, k.size(1), self.max_len + 1, k.size(3))
             self.keys[layer] = k.new_zeros(shape)
             self.values[layer] = v.new_zeros(shape)
-        self.keys[layer][:, :, self.start : self.length] = k
-        self.values[layer][:, :, self.start : self.length] = v
-        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+        return self.keys[layer], self.values[layer]
+
+    def step(self) -> StepRows:
+        """The cache continued by one real token a row (a decode step): pass it to GPT.forward as `cache`."""
+        self._advance(1)
+        self.valid[:, self.start] = True
+        # the columns attention reads: those filled so far, made here, outside a compiled step; its width is a
+        # tensor size torch.compile keeps symbolic (one graph for every length). A copy, not a view of `valid`:
+        # a view's strides change kind when it spans every column, which a compiled step would be retraced for
+        self._step.mask = self.valid[:, None, None, : self.length].contiguous()
+        torch._dynamo.maybe_mark_dynamic(self._step.mask, 3)
+        return self._step
+
+    @property
+    def length(self) -> int:
+        """Positions filled. Setting it back rewinds the cache: what came after is forgotten (HellaSwag's
+        endings each continue the same context)."""
+        return self._length
+
+    @length.setter
+    def length(self, length: int) -> None:
+        self._length = length
+        self.valid[:, length:] = False
+        self.seen.copy_(self.valid.sum(dim=1, keepdim=True))
+        self.column.fill_(length - 1)
+
+    def _advance(self, T: int) -> None:
+        if self._length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self._length} used, {T} more asked")
+        self.start, self._length = self._length, self._length + T
+
+
+class StepRows:
+    """One real token a row written at its KVCache's next column (KVCache.step() keeps the Python count and
+    marks the column real). Reads and writes only tensors (column, seen, the keys, the mask), so the same
+    compiled step serves every position."""
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.mask = cache.valid[:, None, None, :]  # set by KVCache.step()
+
+    def append(self, valid: torch.Tensor):
+        cache = self.cache
+        cache.column += 1
+        positions = cache.seen.clone()  # [B, 1]: each row's real tokens before this one
+        cache.seen += 1
+        return positions, self.mask  # [B, 1, 1, width]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        keys, values = self.cache.layer(layer, k, v)
+        keys.index_copy_(2, self.cache.column, k)
+        values.index_copy_(2, self.cache.column, v)
+        width = self.mask.size(-1)
+        return keys[:, :, :width], values[:, :, :width]
 
 
 class SlotCache:

@@ -161,10 +161,25 @@ def sdpa_attention(q, k, v, mask, dropout_p: float):
     of O(T^2). PyTorch's CPU kernels have no dropout: with dropout_p > 0 they fall back to the math path,
     which builds the T x T probabilities and a T x T random mask (5x slower a step at aurelius-845k).
     """
+    if q.size(2) == 1 and mask is not None and torch.compiler.is_compiling():
+        return one_query_attention(q, k, v, mask)
     grouped = k.size(1) != q.size(1)
     return F.scaled_dot_product_attention(
         q, k, F.dropout(v, dropout_p), attn_mask=mask, is_causal=mask is None, enable_gqa=grouped
     )
+
+
+def one_query_attention(q, k, v, mask):
+    """A decode step's attention (one query a row, a KV cache's keys, no dropout), written out. In a compiled
+    decode step inductor fuses it into the step's kernels, where the fused CPU kernel spends tens of
+    microseconds a call setting up for one query: a compiled step of the 1M quickstart model took 1.05 ms
+    this way against 1.6 ms (batch 1, one thread; 3.6 against 4.5 ms at batch 8)."""
+    B, H, _, C = q.shape
+    K = k.size(1)
+    q = q.view(B, K, H // K, C)  # query head h reads key/value head h // (H / K), as enable_gqa does
+    scores = torch.einsum("bkgc,bktc->bkgt", q, k) / math.sqrt(C)  # [B, K, H/K, T_keys]
+    probs = F.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("bkgt,bktc->bkgc", probs, v).reshape(B, H, 1, C)
 
 
 def plain_attention(q, k, v, mask, dropout_p: float):
