@@ -75,6 +75,24 @@ def test_greedy_requests_joining_a_running_batch_give_what_they_give_alone(model
     assert engine.stats.steps > 0 and engine.stats.batched_tokens / engine.stats.steps > 1  # they shared passes
 
 
+def test_prompts_arriving_together_share_prefill_passes(model, single_thread):
+    engine = Engine(model, slots=8)
+    try:
+        prompts = [[1, 2, 3], [4, 5, 6], [7] * 9, [8, 9], [10] * 12, [11, 12, 13, 14], [15], [16, 17, 18]]
+        events = [[] for _ in prompts]
+        with engine.wake:  # hold the loop so that all of them are waiting when it looks
+            for p, seen in zip(prompts, events):
+                engine.submit(GenerationRequest(p, max_tokens=6, temperature=0), seen.append)
+        deadline = time.monotonic() + 30
+        while not all(seen and isinstance(seen[-1], DoneEvent) for seen in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats.prefills == 1  # 8 prompts of 1 to 12 tokens: one pass, left-padded
+        for p, seen in zip(prompts, events):
+            assert [e.token for e in seen if isinstance(e, TokenEvent)] == greedy_alone(model, p, 6), p
+    finally:
+        engine.close()
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(model, engine):
     request = GenerationRequest([4, 5, 6], max_tokens=12, temperature=1.0, top_k=20, seed=7)
     alone = engine.complete(request).tokens

@@ -117,7 +117,7 @@ class SlotCache:
     """Keys and values of `slots` independent sequences, for serving: [S, K, max_len, C] per layer, a length per slot.
 
     Unlike KVCache, whose rows advance together, each slot has its own length: a request takes a free slot,
-    runs its prompt through it alone, then joins the others' decode steps, one token a step, and leaves
+    runs its prompt through it (with others that arrived with it), then joins the others' decode steps, one token a step, and leaves
     when it is done, without waiting for the rest. `rows(slots)` is the view the model's forward takes as
     its cache. A slot keeps what it held after its request left (`tokens`), so the next request whose
     prompt starts the same way only runs the rest of it (the prompt cache).
@@ -152,35 +152,42 @@ class SlotCache:
 
 
 class SlotRows:
-    """Some slots of a SlotCache, each continued by T tokens in one forward pass: what GPT.forward calls
-    `cache`. The new tokens of row i sit at positions lengths[slot_i] ... + T - 1 of their own slot."""
+    """Some slots of a SlotCache, each continued by up to T tokens in one forward pass: what GPT.forward calls
+    `cache`. Rows with fewer tokens are left-padded (`valid` False): row i's real tokens sit at positions
+    lengths[slot_i], lengths[slot_i] + 1, ... of its own slot; its padding is written to a spare column past
+    max_len that nothing reads, and its last column is its last real token, whose logits the forward returns."""
 
     def __init__(self, cache: SlotCache, slots: list[int]):
         self.cache, self.slots = cache, slots
         self.index = torch.tensor(slots, dtype=torch.long, device=cache.device)
 
     def append(self, valid: torch.Tensor):
-        """Make room for T tokens a row (`valid` is [B, T], every token real); return positions and mask."""
-        T = valid.size(1)
+        """Make room for the real tokens of each row ([B, T] bool, padding first); return positions and mask."""
+        T, device = valid.size(1), valid.device
+        counts = valid.sum(dim=1).tolist()
         starts = [self.cache.lengths[s] for s in self.slots]
-        if max(starts) + T > self.cache.max_len:
-            raise ValueError(f"a slot holds {self.cache.max_len} positions; {max(starts)} used, {T} more asked")
-        for s in self.slots:
-            self.cache.lengths[s] += T
-        self.width = max(starts) + T  # keys read this pass: the longest row's
-        self.positions = torch.tensor(starts, device=valid.device)[:, None] + torch.arange(T, device=valid.device)
-        keys = torch.arange(self.width, device=valid.device)
-        # a row sees its own positions up to the query; later ones hold another request's leftovers or nothing
-        mask = keys[None, None, :] <= self.positions[:, :, None]  # [B, T, width]
-        return self.positions, mask.unsqueeze(1)
+        ends = [start + n for start, n in zip(starts, counts)]
+        if max(ends) > self.cache.max_len:
+            raise ValueError(f"a slot holds {self.cache.max_len} positions; {max(ends)} asked")
+        for s, end in zip(self.slots, ends):
+            self.cache.lengths[s] = end
+        self.width = max(ends)  # keys read this pass: the longest row's
+        padding = T - torch.tensor(counts, device=device)
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device) - padding[:, None]
+        self.write_at = positions.masked_fill(~valid, self.cache.max_len)  # padding goes to the spare column
+        keys = torch.arange(self.width, device=device)
+        # a row sees its own positions up to the query (later ones hold another request's leftovers or nothing);
+        # a padding query sees key 0 only, so that its softmax has a row to normalise (its output is never used)
+        mask = torch.where(valid[:, :, None], keys <= positions[:, :, None], keys == 0)  # [B, T, width]
+        return positions.clamp(min=0), mask.unsqueeze(1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         cache = self.cache
-        if layer not in cache.keys:
-            shape = (cache.slots, k.size(1), cache.max_len, k.size(3))
+        if layer not in cache.keys:  # + 1: the spare column padding is written to
+            shape = (cache.slots, k.size(1), cache.max_len + 1, k.size(3))
             cache.keys[layer], cache.values[layer] = k.new_zeros(shape), v.new_zeros(shape)
         keys, values = cache.keys[layer], cache.values[layer]
-        where = (self.index[:, None], slice(None), self.positions)  # -> [B, T, K, C]
+        where = (self.index[:, None], slice(None), self.write_at)  # -> [B, T, K, C]
         keys[where] = k.transpose(1, 2)
         values[where] = v.transpose(1, 2)
         return keys[self.index, :, : self.width], values[self.index, :, : self.width]

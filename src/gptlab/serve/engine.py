@@ -6,8 +6,8 @@
     engine.complete(GenerationRequest(...)) -> Completion   # the same, waiting for the end (notebooks, tests)
     engine.close()
 
-The loop, one pass at a time: requests waiting for a slot are admitted while slots are free (each
-prompt runs alone through its slot -- the prefill -- and gives the request its first token), then
+The loop, one pass at a time: requests waiting for a slot are admitted while slots are free (their
+prompts run through their slots together -- the prefill -- and give each request its first token), then
 every running request advances one token in a single forward pass over all their slots (the decode
 step), and those that are done (a stop token, max_tokens, the end of the context, cancelled) leave
 and free their slots for the next pass. So a new request waits at most one pass for its first token
@@ -119,6 +119,7 @@ class EngineStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
     steps: int = 0  # decode passes
+    prefills: int = 0  # forward passes that ran prompts (several a pass where they arrive together)
     batched_tokens: int = 0  # tokens produced by decode passes (batched_tokens / steps = mean batch size)
     on_step: Callable[[int], None] | None = None  # called with each decode pass's batch size
     on_done: Callable[[Handle, DoneEvent], None] | None = None  # called as each request ends
@@ -251,34 +252,60 @@ class Engine:
         return self.queue_timeout is not None and now - handle.submitted > self.queue_timeout
 
     def _admit(self) -> None:
-        """Start waiting requests while slots are free and this pass's prefill budget lasts."""
-        budget = self.prefill_budget
+        """Start waiting requests while slots are free and this pass's prefill budget lasts: each takes a slot,
+        then their prompts run together, a few forward passes for all of them (`_prefill`)."""
+        budget, admitted = self.prefill_budget, []
         while self.free and budget > 0:
             with self.wake:
                 if not self.waiting:
-                    return
+                    break
                 handle = self.waiting.popleft()
-            budget -= self._prefill(handle)
+            prompt = handle.request.prompt
+            # the free slot that holds the longest start of this prompt; the last prompt token always runs (its logits)
+            slot = max(self.free, key=lambda s: min(self.cache.shared_prefix(s, prompt), len(prompt) - 1))
+            self.free.remove(slot)
+            handle.slot = slot
+            handle.cached_tokens = min(self.cache.shared_prefix(slot, prompt), len(prompt) - 1)
+            seed = handle.request.seed
+            handle.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            self.running[slot] = handle
+            self.stats.prompt_tokens += len(prompt)
+            admitted.append(handle)
+            budget -= len(prompt) - handle.cached_tokens
+        while admitted:
+            admitted = self._prefill(admitted)
 
-    def _prefill(self, handle: Handle) -> int:
-        """Run the prompt through a free slot (reusing what the slot holds of it) and sample the first token."""
-        prompt = handle.request.prompt
-        # the free slot that holds the longest start of this prompt; the last prompt token always runs (its logits)
-        slot = max(self.free, key=lambda s: min(self.cache.shared_prefix(s, prompt), len(prompt) - 1))
-        self.free.remove(slot)
-        reused = min(self.cache.shared_prefix(slot, prompt), len(prompt) - 1)
-        self.cache.truncate(slot, reused)
-        handle.slot, handle.cached_tokens = slot, reused
-        seed = handle.request.seed
-        handle.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        self.running[slot] = handle
-        self.stats.prompt_tokens += len(prompt)
-        self.stats.cached_tokens += reused
-        new = prompt[reused:]
-        logits, _ = self.model(torch.tensor([new], device=self.device), cache=self.cache.rows([slot]))
-        self.cache.tokens[slot].extend(new)
-        self._emit([handle], logits[:, -1])
-        return len(new)
+    def _prefill(self, handles: list[Handle]) -> list[Handle]:
+        """Run the prompts of newly admitted requests in one forward pass (left-padded to the longest) and sample
+        their first tokens; return the requests left for another pass.
+
+        Longest first, a prompt joins the pass while the padding stays under the real tokens plus 256, so a
+        burst of short prompts takes one pass and a long one does not make many short ones pay its length.
+        """
+        def left(h: Handle) -> int:  # prompt tokens not in the slot's cache yet
+            return len(h.request.prompt) - h.cached_tokens
+
+        handles = sorted(handles, key=left, reverse=True)
+        T, real, group = left(handles[0]), 0, []
+        for h in handles:
+            if group and (len(group) + 1) * T > 2 * (real + left(h)) + 256:
+                break
+            group.append(h)
+            real += left(h)
+        tokens = torch.zeros(len(group), T, dtype=torch.long)
+        valid = torch.zeros(len(group), T, dtype=torch.bool)
+        for i, h in enumerate(group):
+            new = h.request.prompt[h.cached_tokens :]
+            tokens[i, T - len(new) :] = torch.tensor(new)
+            valid[i, T - len(new) :] = True
+            self.cache.truncate(h.slot, h.cached_tokens)
+            self.cache.tokens[h.slot].extend(new)
+            self.stats.cached_tokens += h.cached_tokens
+        logits, _ = self.model(tokens.to(self.device), cache=self.cache.rows([h.slot for h in group]),
+                               valid=valid.to(self.device))
+        self.stats.prefills += 1
+        self._emit(group, logits[:, -1])
+        return handles[len(group) :]
 
     def _decode(self) -> None:
         """One token for every running request, in one forward pass."""
