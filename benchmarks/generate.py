@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -191,6 +192,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes (default 1 8)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine (default 2)")
     parser.add_argument("--prompt-tokens", type=int, default=8, metavar="P", help="prompt length (default 8)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed generations per engine and batch; the median counts (default 7)")
     parser.add_argument("--context", type=int, default=512, help="the run's context length (default 512)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp", "eager", "default"],
                         help="engines or gptlab modes to leave out")
@@ -242,10 +244,16 @@ def main() -> int:
             warm_note = f"warm-up {warm + compiling:.1f} s" + (f", of which compiling {compiling:.1f} s" if compiling else "")
             if compiling:
                 engine.compile_seconds = 0.0
-            new, seconds = engine.generate(prompts, args.new_tokens)
-            assert all(len(row) == args.new_tokens for row in new), f"{name} stopped early"
+            # one generation is a fraction of a second: the median of several, for every engine alike
+            times = []
+            for _ in range(args.repeats):
+                new, seconds = engine.generate(prompts, args.new_tokens)
+                assert all(len(row) == args.new_tokens for row in new), f"{name} stopped early"
+                times.append(seconds)
+            seconds = statistics.median(times)
             speed[name, B], tokens[name, B] = B * args.new_tokens / seconds, new
-            print(f"  batch {B} {name:16} {speed[name, B]:8,.0f} tokens/s  ({seconds:.2f} s; {warm_note})", flush=True)
+            print(f"  batch {B} {name:16} {speed[name, B]:8,.0f} tokens/s  (median of {args.repeats}: {seconds:.2f} s, "
+                  f"fastest {min(times):.2f} s; {warm_note})", flush=True)
 
     print()
     names = list(engines)
