@@ -147,9 +147,6 @@ class SlotCache:
             n += 1
         return n
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.keys.values(), *self.values.values()))
-
 
 class SlotRows:
     """Some slots of a SlotCache, each continued by up to T tokens in one forward pass: what GPT.forward calls

@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gptlab.errors import GptlabError
 from gptlab.generate import chat_prompt
-from gptlab.runs import checkpoint_dirs, load_run_config
+from gptlab.runs import load_run_config
 from gptlab.serve.engine import DoneEvent, EngineBusy, GenerationRequest, TokenEvent
 from gptlab.serve.registry import ServedModel, UnknownModel
 from gptlab.tokenizer import load_tokenizer
@@ -150,14 +150,14 @@ async def _parse(request: Request, kind: type[_Strict]):
 async def _served(request: Request, name: str | None) -> ServedModel:
     """The model a request names (or the only one served); 404 model_not_found for any other name."""
     registry = request.app.state.registry
-    names = registry.names()
     if name is None:
         name = registry.default()
         if name is None:
-            raise ApiError(400, f"model is required: this server offers {', '.join(names)}", param="model")
+            raise ApiError(400, f"model is required: this server offers {', '.join(registry.names())}", param="model")
     try:
         return await run_in_threadpool(registry.get, name)  # the first request of a run loads it
     except UnknownModel:
+        names = registry.names()
         raise ApiError(404, f"the model {name!r} does not exist: this server offers {', '.join(names) or 'none'}",
                        param="model", code="model_not_found") from None
     except GptlabError as e:
@@ -575,8 +575,6 @@ def _model_entry(registry, name: str) -> dict | None:
     else:
         try:
             run_dir = registry.run_dir(name)
-            if not checkpoint_dirs(run_dir):  # a run that has only just started training: nothing to serve yet
-                return None
             context = load_run_config(run_dir).model.context_length
             chat = has_chat_tokens(load_tokenizer(run_dir / "tokenizer.json"))
             created = int(run_dir.stat().st_mtime)

@@ -26,7 +26,13 @@ RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
 def is_run(path: Path) -> bool:
+    """A run folder (it may have no complete checkpoint yet)."""
     return (path / CONFIG).is_file() and (path / CHECKPOINTS).is_dir()
+
+
+def servable(path: Path) -> bool:
+    """A run with a complete checkpoint: what a server can load (a run that has only just started has none)."""
+    return (path / CONFIG).is_file() and bool(checkpoint_dirs(path))
 
 
 class UnknownModel(LookupError):
@@ -87,14 +93,18 @@ class Registry:
         self.lock = threading.Lock()
 
     def names(self) -> list[str]:
-        """The runs offered, by name: the one run, or every run in the folder (trained or still training)."""
+        """The runs offered, by name: the one run, or every run in the folder (trained or still training) that
+        has a checkpoint to load."""
         if self.single is not None:
-            return [self.single.name]
-        return sorted(p.name for p in self.root.iterdir() if RUN_NAME.fullmatch(p.name) and p.is_dir() and is_run(p))
+            return [self.single.name] if servable(self.single) else []
+        return sorted(p.name for p in self.root.iterdir() if RUN_NAME.fullmatch(p.name) and servable(p))
 
     def run_dir(self, name: str) -> Path:
-        """The folder of run `name`; UnknownModel for a name that is not a run here (never a path outside)."""
-        if not isinstance(name, str) or not RUN_NAME.fullmatch(name) or name not in self.names():
+        """The folder of run `name`; UnknownModel for a name that is not a run offered here (never a path outside:
+        a name is one plain folder name, looked up in the served folder alone)."""
+        if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+            raise UnknownModel(name)
+        if (self.single is not None and name != self.single.name) or not servable(self.root / name):
             raise UnknownModel(name)
         return self.root / name
 
@@ -107,8 +117,6 @@ class Registry:
         run_dir = self.run_dir(name)
         with self.lock:
             if name not in self.loaded:
-                if not checkpoint_dirs(run_dir):
-                    raise UnknownModel(name)
                 self.loaded[name] = self._load(name, run_dir)
             return self.loaded[name]
 
