@@ -153,7 +153,7 @@ def test_same_scores_whatever_the_batch_size(tiny_model, tiny_tokenizer, single_
 
 @pytest.mark.parametrize("arch", [
     {},  # RoPE, pre-norm
-    {"position": "learned", "norm_placement": "post", "n_kv_head": 1, "norm": "layernorm", "bias": True},
+    {"position": "learned", "block": "post", "n_kv_head": 1, "norm": "layernorm", "bias": True},
 ])
 def test_shared_contexts_give_the_same_scores_as_one_row_per_ending(arch, tiny_model_config, tiny_tokenizer, single_thread):
     """Contexts in a KV cache continued by each ending == every context + ending run in full."""

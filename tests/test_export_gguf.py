@@ -125,8 +125,8 @@ def test_gguf_reads_back_and_computes_the_same_logits(make_export_run, tmp_path,
     ("arcee-gelu", dict(norm="rmsnorm", position="rope", mlp="gelu"), "model.mlp=gelu",
      "train with --model.mlp=swiglu or --model.mlp=relu2"),
     ("gguf-geglu", dict(LLAMA, mlp="geglu"), "model.mlp=geglu", "train with --model.mlp=swiglu"),
-    ("refused-norm_placement", dict(norm="layernorm", norm_placement="post", position="sinusoidal", mlp="relu", bias=True),
-     "model.norm_placement=post", None),
+    ("refused-block", dict(norm="layernorm", block="post", position="sinusoidal", mlp="relu", bias=True),
+     "model.block=post", None),
 ])
 def test_gguf_refuses_what_llamacpp_cannot_run(make_export_run, tmp_path, capsys, name, model, message, fix):
     """One line naming the setting that blocks, and the setting to train with instead."""

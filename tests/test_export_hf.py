@@ -230,7 +230,7 @@ def test_one_start_token_rule_from_sampling_to_transformers(make_export_run, tmp
 
 
 @pytest.mark.parametrize("model,blocker", [
-    (dict(norm="layernorm", norm_placement="post", position="sinusoidal", mlp="relu", bias=True), "model.norm_placement=post"),
+    (dict(norm="layernorm", block="post", position="sinusoidal", mlp="relu", bias=True), "model.block=post"),
     (dict(norm="cosinenorm", position="rope", mlp="swiglu"), "model.norm=cosinenorm"),
     (dict(norm="rmsnorm", position="rope", mlp="swiglu", qk_norm=True), "model.qk_norm=true"),
     (dict(norm="layernorm", position="learned", mlp="gelu", n_kv_head=2), "model.n_kv_head=2"),

@@ -49,7 +49,7 @@ def model_of(**overrides) -> GPT:
 def test_kv_cache_gives_the_logits_of_a_full_forward(position, n_kv_head):
     for attention, placement in [("sdpa", "pre"), ("plain", "post")]:
         # logits of order 1 (init_std 0.1): fp32 rounding stays far below the 1e-5 a position bug would exceed
-        model = model_of(position=position, n_kv_head=n_kv_head, attention=attention, norm_placement=placement,
+        model = model_of(position=position, n_kv_head=n_kv_head, attention=attention, block=placement,
                          qk_norm=True, init="gpt2", init_std=0.1)
         x = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(3))
         full, _ = model(x)

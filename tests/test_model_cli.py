@@ -24,7 +24,7 @@ def test_info_of_a_config_file_with_overrides(tmp_path, capsys):
     toml.write_text('[model]\npreset = "aurelius-845k"\nn_layer = 3\n[train]\nbatch_size = 4\n')
     assert main(["model", "info", str(toml), "--model.d_model=64"]) == 0
     out = capsys.readouterr().out
-    assert "3 layers x 64" in out and "post-norm" in out and "batch 4 x 512" in out
+    assert "3 layers x 64" in out and "block post: Attn->+->Norm->=" in out and "batch 4 x 512" in out
 
 
 def test_vocab_comes_from_the_tokenizer_section(capsys):

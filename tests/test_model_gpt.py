@@ -30,9 +30,9 @@ def batch(B=2, T=16, V=64, seed=1):
 @pytest.mark.parametrize(
     "parts",
     [
-        {"norm": "layernorm", "norm_placement": "pre", "position": "learned", "mlp": "gelu", "bias": True},
-        {"norm": "rmsnorm", "norm_placement": "post", "position": "sinusoidal", "mlp": "relu"},
-        {"norm": "cosinenorm", "norm_placement": "sandwich", "position": "rope", "mlp": "swiglu", "n_kv_head": 1},
+        {"norm": "layernorm", "block": "pre", "position": "learned", "mlp": "gelu", "bias": True},
+        {"norm": "rmsnorm", "block": "post", "position": "sinusoidal", "mlp": "relu"},
+        {"norm": "cosinenorm", "block": "sandwich", "position": "rope", "mlp": "swiglu", "n_kv_head": 1},
         {"norm": "rmsnorm", "norm_affine": False, "position": "none", "mlp": "geglu", "n_kv_head": 2, "qk_norm": True},
         {"mlp": "relu2", "tie_embeddings": False, "init": "pytorch", "dropout": 0.1},
         {"mlp": "silu", "init": "trunc_normal", "head_size": 16, "n_head": 4, "d_model": 40},
@@ -94,7 +94,7 @@ def test_attention_dropout_keeps_the_fused_kernel():
 
 def test_causal_no_token_sees_the_future():
     for attention, placement in itertools.product(["sdpa", "plain"], ["pre", "post", "sandwich"]):
-        model = tiny(attention=attention, norm_placement=placement).eval()
+        model = tiny(attention=attention, block=placement).eval()
         x, _ = batch()
         changed = x.clone()
         changed[:, 10:] = (changed[:, 10:] + 1) % 64

@@ -44,12 +44,12 @@ def test_preset_parameter_count(name):
 
 def test_presets_reproduce_the_seeds_architectures():
     g25 = preset("gpt2.5-124m")
-    assert (g25.norm, g25.norm_placement, g25.mlp, g25.ff_dim, g25.position, g25.bias) == (
+    assert (g25.norm, g25.block, g25.mlp, g25.ff_dim, g25.position, g25.bias) == (
         "rmsnorm", "pre", "swiglu", 2048, "rope", False)
     smoll = preset("smollgpt-130m")
     assert (smoll.n_layer, smoll.n_head, smoll.d_model, smoll.context_length) == (8, 8, 768, 1024)
     aurelius = preset("aurelius-845k")
-    assert (aurelius.norm_placement, aurelius.position, aurelius.n_layer, aurelius.norm, aurelius.init) == (
+    assert (aurelius.block, aurelius.position, aurelius.n_layer, aurelius.norm, aurelius.init) == (
         "post", "sinusoidal", 6, "layernorm", "pytorch")
     assert aurelius.vocab_size == 2000
     for name in ["defaultgpt-0.5m", "defaultgpt-0.5m-short-thick", "defaultgpt-0.5m-tall-skinny"]:
@@ -94,7 +94,7 @@ def test_flops_per_token_matches_pytorch_flop_counter(parts):
         {"mlp": "swiglu", "n_kv_head": 1},
         {"norm": "layernorm", "position": "learned", "bias": True},
         {"attention": "plain"},
-        {"norm_placement": "sandwich", "qk_norm": True},
+        {"block": "sandwich", "qk_norm": True},
         {"dropout": 0.1},
     ],
 )

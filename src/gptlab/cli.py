@@ -344,7 +344,7 @@ def _add_model_commands(sub) -> None:
         gptlab model info gpt2-124m --batch-size 8
         gptlab model info tiny-4m --model.vocab_size=4096
         gptlab model info recipes/aurelius.toml
-        gptlab model info defaultgpt-0.5m --model.norm_placement=sandwich
+        gptlab model info defaultgpt-0.5m --model.block=sandwich
         gptlab model info list
         """,
         description="Parameters (embedding and non-embedding), training FLOPs per token and per step, and "

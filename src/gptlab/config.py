@@ -173,15 +173,15 @@ class DataConfig(Section):
 
 # Named architectures. A preset fills the [model] section; keys the user sets win. Parameter counts
 # (`gptlab model info PRESET`) are checked by tests/test_model_presets.py.
-_GPT2 = dict(norm="layernorm", norm_placement="pre", position="learned", mlp="gelu", bias=True, init="gpt2")
+_GPT2 = dict(norm="layernorm", position="learned", mlp="gelu", bias=True, init="gpt2")
 # DefaultGPT's trained 0.5m models (trained/customGPT_0.5m_*/model_config.json): width 64 with 16-wide heads
 # independent of it, grouped K/V heads (its "mqa.py"), gated SiLU MLP, its 2,048-token TinyStories tokenizer.
 _DEFAULTGPT = dict(
     d_model=64, head_size=16, context_length=512, vocab_size=2048, norm="rmsnorm", norm_eps=1e-6,
-    norm_placement="pre", position="rope", rope_theta=10000.0, mlp="swiglu", bias=False, tie_embeddings=True,
+    position="rope", rope_theta=10000.0, mlp="swiglu", bias=False, tie_embeddings=True,
 )
 # TinyStories-scale models; vocab_size comes from the tokenizer (sizes below are at 4,096 tokens).
-_TINY = dict(norm="rmsnorm", norm_placement="pre", position="rope", mlp="gelu", bias=False, tie_embeddings=True)
+_TINY = dict(norm="rmsnorm", position="rope", mlp="gelu", bias=False, tie_embeddings=True)
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # GPT-2 small (Radford et al. 2019; nanoGPT): 124,439,808 parameters
@@ -189,7 +189,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                   "vocab_size": 50257, "tie_embeddings": True},
     # seed 004, GPT 2.5: RMSNorm, pre-norm, SwiGLU 2048, RoPE, no bias, truncated init: 123,551,232
     "gpt2.5-124m": {"n_layer": 12, "d_model": 768, "n_head": 12, "d_ff": 2048, "context_length": 1024,
-                    "vocab_size": 50257, "norm": "rmsnorm", "norm_placement": "pre", "position": "rope",
+                    "vocab_size": 50257, "norm": "rmsnorm", "position": "rope",
                     "rope_theta": 10000.0, "mlp": "swiglu", "bias": False, "tie_embeddings": True,
                     "init": "trunc_normal"},
     # seed 003, SmollGPT: GPT-2 blocks, 8 x 768, 8 heads; "around 130M" needs an untied output head: 134,685,696
@@ -199,7 +199,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # layer, PyTorch init), 6 blocks, 4 heads, its 2,000-token SentencePiece, 512 context. Width 80 and
     # d_ff 384 are the shape closest to its stated 845k at that vocabulary: 848,864
     "aurelius-845k": {"n_layer": 6, "d_model": 80, "n_head": 4, "d_ff": 384, "context_length": 512,
-                      "vocab_size": 2000, "norm": "layernorm", "norm_placement": "post", "position": "sinusoidal",
+                      "vocab_size": 2000, "norm": "layernorm", "block": "post", "position": "sinusoidal",
                       "mlp": "relu", "bias": True, "tie_embeddings": False, "init": "pytorch"},
     # seed 002, DefaultGPT's three 0.5M shapes: 492,608 / 492,096 / 501,056
     "defaultgpt-0.5m": {**_DEFAULTGPT, "n_layer": 8, "n_head": 8, "n_kv_head": 2, "d_ff": 128},
@@ -237,12 +237,16 @@ class ModelConfig(Section):
     """norms have a learned gain (and a bias if bias = true)"""
     norm_eps: float = Field(1e-5, gt=0)
     """the epsilon that keeps a norm from dividing by zero"""
-    norm_placement: Literal["pre", "post", "sandwich"] = "pre"
-    """pre: norm before attention/MLP (GPT-2); post: after the residual add (Vaswani); sandwich: both"""
+    block: str | list[str] = "pre"
+    """each block's layout: pre, post, sandwich, parallel, or a string of parts like "Norm->Attn->+->Norm->MLP->+" (+ adds the branch to the residual stream, = replaces it; a list of strings is parallel branches) — see `gptlab model parts`"""
     position: Literal["learned", "sinusoidal", "rope", "none"] = "rope"
     """how positions are encoded: a learned table, fixed sinusoids, rotary (RoPE) or not at all"""
     rope_theta: float = Field(10000.0, gt=0)
     """RoPE's base wavelength"""
+    mask: str | list[str] = "causal"
+    """the attention mask of each layer (a list cycles over the layers: ["window", "window", "causal"] is two local layers to one global): causal; window (the last model.window tokens); strided (Sparse Transformer: the window plus every window-th token before it); or package.module:function for your own, given query and key positions — always within causal"""
+    window: int = Field(128, ge=1)
+    """tokens a window or strided mask lets a query see (itself included)"""
     attention: Literal["sdpa", "plain"] = "sdpa"
     """sdpa: PyTorch's fused attention; plain: the readable reference path"""
     qk_norm: bool = False
@@ -253,6 +257,24 @@ class ModelConfig(Section):
     """the MLP's hidden width; none: mlp_ratio * d_model"""
     mlp_ratio: float = Field(4.0, gt=0)
     """the MLP's hidden width over d_model, when d_ff is none"""
+    moe_experts: int = Field(8, ge=1)
+    """MoE parts: expert MLPs in each"""
+    moe_topk: int = Field(2, ge=1)
+    """MoE parts: experts each token is routed to"""
+    moe_shared: int = Field(0, ge=0)
+    """MoE parts: experts every token also goes through (DeepSeekMoE's shared experts)"""
+    moe_d_ff: int | None = Field(None, ge=1)
+    """MoE parts: each expert's hidden width; none: d_ff"""
+    moe_capacity: float | None = Field(None, gt=0)
+    """MoE parts: an expert takes at most capacity x tokens x topk / experts tokens a batch, the rest skip it (Switch Transformer); none: dropless, every routed token is computed"""
+    moe_aux_weight: float = Field(0.01, ge=0)
+    """MoE parts: weight of the load-balancing loss (Switch Transformer) added to the training loss"""
+    moe_z_weight: float = Field(0.001, ge=0)
+    """MoE parts: weight of the router z-loss (ST-MoE), which keeps router logits small"""
+    kan_grid: int = Field(5, ge=1)
+    """KAN parts: spline grid intervals of each learned activation"""
+    kan_order: int = Field(3, ge=1)
+    """KAN parts: the splines' order (3: cubic)"""
     bias: bool = False
     """linear layers (and norms) have biases"""
     tie_embeddings: bool = True
@@ -263,6 +285,16 @@ class ModelConfig(Section):
     """gpt2: normal(init_std), residual projections / sqrt(2 n_layer); trunc_normal: the same within 3 std without the residual scaling (GPT 2.5); pytorch: each layer's own default"""
     init_std: float = Field(0.02, gt=0)
     """standard deviation of the gpt2 and trunc_normal inits"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """Configs saved before block strings said norm_placement = pre|post|sandwich: the layout of that name."""
+        if isinstance(data, dict) and "norm_placement" in data:
+            data = dict(data)
+            data.setdefault("block", data.pop("norm_placement"))
+            data.pop("norm_placement", None)
+        return data
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -279,7 +311,22 @@ class ModelConfig(Section):
             )
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head size, got d_model/n_head = {self.head_dim}")
+        if self.moe_topk > self.moe_experts:
+            raise ValueError(
+                f"model.moe_topk={self.moe_topk} is more than model.moe_experts={self.moe_experts}; "
+                f"route each token to at most {self.moe_experts} experts"
+            )
+        from gptlab.model.blocks import parse_block  # no torch: checks the string as the config is read
+
+        parse_block(self.block)
         return self
+
+    @property
+    def layout(self) -> list[list[str]]:
+        """The block's branches, each a list of tokens (model/blocks.py)."""
+        from gptlab.model.blocks import parse_block
+
+        return parse_block(self.block)
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from gptlab.config import Config
+from gptlab.model.blocks import block_label
 from gptlab.tokenizer.chat import has_chat_tokens
 
 # train.optimizer as a reader knows it
@@ -67,7 +68,8 @@ def model_card(*, name: str, family, cfg: Config, tokenizer, info: dict, run_dir
         f"| layers x width | {m.n_layer} x {m.d_model} |",
         f"| attention heads | {m.n_head} query, {m.kv_heads} key/value, size {m.head_dim} |",
         f"| MLP | {m.mlp}, hidden {m.ff_dim} |",
-        f"| norm | {m.norm} ({m.norm_placement}-norm), eps {m.norm_eps:g} |",
+        f"| block | {block_label(m.block).replace('|', '&#124;')} |",
+        f"| norm | {m.norm}, eps {m.norm_eps:g} |",
         f"| positions | {m.position}" + (f" (theta {m.rope_theta:g})" if m.position == "rope" else "") + " |",
         f"| context | {m.context_length} tokens |",
         f"| vocabulary | {m.vocab_size:,} ({tokenizer.kind} tokenizer) |",

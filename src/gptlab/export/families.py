@@ -32,6 +32,7 @@ import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.model.blocks import parse_block
 
 StateDict = dict[str, torch.Tensor]
 
@@ -44,12 +45,20 @@ class Family:
     model_type: str = ""
     # [model] key -> the values this architecture has; anything else blocks the export
     allowed: dict[str, tuple] = {}
+    # the block layouts it has (model/blocks.py: a layout name or a block string)
+    blocks: tuple[str, ...] = ("pre",)
     # further shape constraints: (check(cfg) -> True when fine, the blocker as "model.key=value" for that cfg)
     shape_checks: list[tuple[Callable[[ModelConfig], bool], Callable[[ModelConfig], str]]] = []
 
     def blockers(self, cfg: ModelConfig) -> list[str]:
         """Every `model.key=value` of cfg this architecture cannot express (empty: it can)."""
-        found = [f"model.{key}={_fmt(getattr(cfg, key))}" for key, ok in self.allowed.items() if getattr(cfg, key) not in ok]
+        found = []
+        layouts = [parse_block(block) for block in self.blocks]
+        if cfg.layout not in layouts:  # the block's layout first: it is the largest difference
+            known = {token for layout in layouts for branch in layout for token in branch}
+            foreign = sorted({token for branch in cfg.layout for token in branch} - known)
+            found.append(f"model.block={_fmt(cfg.block)}" + (f" (its {', '.join(foreign)})" if foreign else ""))
+        found += [f"model.{key}={_fmt(getattr(cfg, key))}" for key, ok in self.allowed.items() if getattr(cfg, key) not in ok]
         return found + [blocker(cfg) for fits, blocker in self.shape_checks if not fits(cfg)]
 
     def hf_config(self, cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict:
@@ -105,7 +114,7 @@ def _require(hf: dict, key: str, source: str):
 class Llama(Family):
     name, architecture, model_type = "Llama", "LlamaForCausalLM", "llama"
     # SwiGLU is Llama's MLP; GeGLU is the same with hidden_act="gelu" (exact GELU, as gptlab's).
-    allowed = {"norm": ("rmsnorm",), "norm_placement": ("pre",), "position": ("rope",), "mlp": ("swiglu", "geglu"),
+    allowed = {"norm": ("rmsnorm",), "mask": ("causal",), "position": ("rope",), "mlp": ("swiglu", "geglu"),
                "qk_norm": (False,)}
     activations = {"swiglu": "silu", "geglu": "gelu"}  # gptlab mlp -> hidden_act
     mlp_in = ("gate_proj", "up_proj")  # the halves of gptlab's fused mlp.fc, in order
@@ -175,7 +184,7 @@ class Llama(Family):
             n_layer=_require(hf, "num_hidden_layers", src), d_model=d_model, n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head,
             head_size=None if head_dim * n_head == d_model else head_dim,
-            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_placement="pre", position="rope",
+            norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position="rope",
             rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)), mlp=mlp,
             d_ff=_require(hf, "intermediate_size", src), bias=bias,
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=hf.get("initializer_range", 0.02),
@@ -213,7 +222,7 @@ class Arcee(Llama):
 class GPT2(Family):
     name, architecture, model_type = "GPT-2", "GPT2LMHeadModel", "gpt2"
     # gptlab's GELU is the exact one: transformers' "gelu" (GPT-2's own "gelu_new" is the tanh approximation)
-    allowed = {"norm": ("layernorm",), "norm_placement": ("pre",), "position": ("learned",), "mlp": ("gelu",),
+    allowed = {"norm": ("layernorm",), "mask": ("causal",), "position": ("learned",), "mlp": ("gelu",),
                "qk_norm": (False,)}
     shape_checks = [
         (lambda cfg: cfg.kv_heads == cfg.n_head, lambda cfg: f"model.n_kv_head={cfg.n_kv_head}"),
@@ -275,7 +284,7 @@ class GPT2(Family):
         return ModelConfig(
             vocab_size=_require(hf, "vocab_size", src), context_length=_require(hf, "n_positions", src),
             n_layer=_require(hf, "n_layer", src), d_model=d_model, n_head=_require(hf, "n_head", src),
-            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_placement="pre", position="learned",
+            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), position="learned",
             mlp="gelu", d_ff=hf.get("n_inner") or 4 * d_model, bias=True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)), init_std=hf.get("initializer_range", 0.02),
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from gptlab.model.masks import MaskRule, rule_mask
+
 
 class KVCache:
     """Keys and values of every position seen so far, preallocated: [B, K, max_len, C] per layer.
@@ -26,10 +28,12 @@ class KVCache:
         # the same state as tensors, for StepRows: the last column written, each row's real tokens so far
         self.column = torch.full((1,), -1, dtype=torch.long, device=device)
         self.seen = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.key_positions = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=device)  # per column
         self._step = StepRows(self)
 
     def append(self, valid: torch.Tensor):
-        """Make room for T new tokens ([B, T] bool, True = real); return their positions and attention mask."""
+        """Make room for T new tokens ([B, T] bool, True = real); return their positions [B, T]. The causal
+        mask of the pass, [B, 1, T, T_keys], is kept for update()."""
         T = valid.size(1)
         self._advance(T)
         self.valid[:, self.start : self.length] = valid
@@ -41,15 +45,19 @@ class KVCache:
         key = torch.arange(self.length, device=valid.device)[None, :]
         # causal, no padding keys; a padding query sees itself so its softmax has no empty row (no NaN)
         mask = (key <= query) & (self.valid[:, None, : self.length] | (key == query))  # [B, T, T_keys]
-        return positions, mask.unsqueeze(1)
+        self.key_positions[:, self.start : self.length] = positions
+        self.positions, self.mask = positions, mask.unsqueeze(1)
+        return positions
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
+        """Write a layer's new keys and values; return every one so far and the mask of this pass under `rule`."""
         keys, values = self.layer(layer, k, v)
         keys[:, :, self.start : self.length] = k
         values[:, :, self.start : self.length] = v
-        return keys[:, :, : self.length], values[:, :, : self.length]
+        mask = self.mask if rule.causal else self.mask & rule_mask(rule, self.positions, self.key_positions[:, : self.length])[:, None]
+        return keys[:, :, : self.length], values[:, :, : self.length], mask
 
-    def layer(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def layer(self, layer, k: torch.Tensor, v: torch.Tensor):
         """A layer's key and value tensors, allocated at first use with the dtype and device of the model's keys."""
         if layer not in self.keys:
             # one column more than ever filled: the filled columns are then never the whole tensor, so their
@@ -101,16 +109,20 @@ class StepRows:
     def append(self, valid: torch.Tensor):
         cache = self.cache
         cache.column += 1
-        positions = cache.seen.clone()  # [B, 1]: each row's real tokens before this one
+        self.positions = cache.seen.clone()  # [B, 1]: each row's real tokens before this one
+        cache.key_positions.index_copy_(1, cache.column, self.positions)
         cache.seen += 1
-        return positions, self.mask  # [B, 1, 1, width]
+        return self.positions
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
         keys, values = self.cache.layer(layer, k, v)
         keys.index_copy_(2, self.cache.column, k)
         values.index_copy_(2, self.cache.column, v)
         width = self.mask.size(-1)
-        return keys[:, :, :width], values[:, :, :width]
+        mask = self.mask  # [B, 1, 1, width]
+        if not rule.causal:
+            mask = mask & rule_mask(rule, self.positions, self.cache.key_positions[:, :width])[:, None]
+        return keys[:, :, :width], values[:, :, :width], mask
 
 
 class SlotCache:
@@ -176,9 +188,10 @@ class SlotRows:
         # a row sees its own positions up to the query (later ones hold another request's leftovers or nothing);
         # a padding query sees key 0 only, so that its softmax has a row to normalise (its output is never used)
         mask = torch.where(valid[:, :, None], keys <= positions[:, :, None], keys == 0)  # [B, T, width]
-        return positions.clamp(min=0), mask.unsqueeze(1)
+        self.mask, self.positions = mask.unsqueeze(1), positions.clamp(min=0)
+        return self.positions
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
         cache = self.cache
         if layer not in cache.keys:  # + 1: the spare column padding is written to
             shape = (cache.slots, k.size(1), cache.max_len + 1, k.size(3))
@@ -187,4 +200,8 @@ class SlotRows:
         where = (self.index[:, None], slice(None), self.write_at)  # -> [B, T, K, C]
         keys[where] = k.transpose(1, 2)
         values[where] = v.transpose(1, 2)
-        return keys[self.index, :, : self.width], values[self.index, :, : self.width]
+        mask = self.mask  # a slot's columns are its positions
+        if not rule.causal:
+            columns = torch.arange(self.width, device=k.device)
+            mask = mask & rule_mask(rule, self.positions, columns[None])[:, None]
+        return keys[self.index, :, : self.width], values[self.index, :, : self.width], mask

@@ -1,8 +1,10 @@
 """A configurable decoder-only Transformer (GPT), readable top to bottom.
 
 One ModelConfig picks the parts: each choice is a key into a small table of
-classes or functions below (NORMS, POSITIONS, ATTENTION, MLPS, BLOCKS, INITS),
-so adding a variant is adding a row, not a branch. Shapes in comments:
+classes or functions below (NORMS, POSITIONS, ATTENTION, MLPS, PARTS, INITS),
+so adding a variant is adding a row, not a branch. A block is a string of
+parts ("Norm->Attn->+->Norm->MLP->+", model/blocks.py parses it) that Block
+runs on the residual stream. Shapes in comments:
 B batch, T tokens, D d_model, H query heads, K key/value heads, C head size,
 F MLP hidden size, V vocabulary.
 
@@ -16,6 +18,7 @@ positions and a mask that hides the padding.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -23,8 +26,12 @@ import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.model.blocks import ADD, ends_normalised, name_parts
 from gptlab.model.cache import KVCache
+from gptlab.model.kan import KANMLP
 from gptlab.model.loss import LOSSES, logits_cross_entropy, loss_for
+from gptlab.model.masks import MaskRule, layer_rules, rule_mask
+from gptlab.model.moe import MoE
 
 # --------------------------------------------------------------------------- norms
 
@@ -150,7 +157,29 @@ POSITIONS = {"none": NoPositions, "learned": LearnedPositions, "sinusoidal": Sin
 
 
 # --------------------------------------------------------------------------- attention
-# mask: None in training (plain causal attention), else a bool [B, 1, T, T_keys], True = may attend.
+# mask: None for plain causal attention (training), else a bool [B or 1, 1, T, T_keys], True = may attend.
+
+
+@dataclass
+class Context:
+    """What a block's parts read besides their input, set once a forward pass."""
+
+    positions: torch.Tensor  # [B or 1, T]: each token's position
+    rotation: tuple | None  # RoPE's cos and sin at those positions; None without RoPE
+    cache: KVCache | None = None  # generation: the keys and values so far (model/cache.py)
+    memory: torch.Tensor | None = None  # [B, S, D]: the second sequence CrossAttn reads
+    memory_rotation: tuple | None = None  # RoPE's cos and sin at the memory's positions
+    aux_losses: list = field(default_factory=list)  # added to the training loss (MoE's balancing losses)
+    masks: dict = field(default_factory=dict)  # a training mask per rule, built once a pass
+
+    def mask_for(self, rule: MaskRule):
+        """A training pass's mask for a rule: None (causal: the fused kernel's is_causal) or bool [1, 1, T, T]."""
+        if rule.causal:
+            return None
+        if rule not in self.masks:
+            pos = self.positions[0]
+            self.masks[rule] = rule_mask(rule, pos, pos)[None, None]
+        return self.masks[rule]
 
 
 def sdpa_attention(q, k, v, mask, dropout_p: float):
@@ -200,11 +229,15 @@ ATTENTION = {"sdpa": sdpa_attention, "plain": plain_attention}
 
 
 class Attention(nn.Module):
-    """Causal self-attention with H query heads and K key/value heads: MHA (K = H), GQA (1 < K < H), MQA (K = 1)."""
+    """Causal self-attention with H query heads and K key/value heads: MHA (K = H), GQA (1 < K < H), MQA (K = 1),
+    under its layer's mask rule (model/masks.py: causal, a sliding window, ...)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    reads_context = True  # a Block passes it the Context
+
+    def __init__(self, cfg: ModelConfig, layer: int, name: str = "attn"):
         super().__init__()
-        self.layer = layer  # index into the KV cache
+        self.cache_key = (layer, name)  # its keys and values in a KV cache
+        self.rule = layer_rules(cfg.mask, cfg.window, cfg.n_layer)[layer]
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
@@ -217,19 +250,56 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rotation=None, mask=None, cache: KVCache | None = None):
+    def forward(self, x, ctx: Context):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = self.q_norm(q.view(B, T, self.n_head, self.head_dim)).transpose(1, 2)  # [B, H, T, C]
-        k = self.k_norm(k.view(B, T, self.n_kv_head, self.head_dim)).transpose(1, 2)  # [B, K, T, C]
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, C]
-        if rotation is not None:
-            q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # [B, K, T_keys, C]: every position so far
-        y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)  # [B, H, T, C]
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        q, k, v = self.heads(q, T, self.n_head), self.heads(k, T, self.n_kv_head), self.heads(v, T, self.n_kv_head)
+        q, k = self.q_norm(q), self.k_norm(k)  # [B, H, T, C], [B, K, T, C]
+        if ctx.rotation is not None:
+            q, k = apply_rotary(q, ctx.rotation), apply_rotary(k, ctx.rotation)
+        if ctx.cache is None:
+            mask = ctx.mask_for(self.rule)
+        else:  # every position so far (or the rule's span of them): [B, K, T_keys, C], and who sees whom
+            k, v, mask = ctx.cache.update(self.cache_key, k, v, self.rule)
+        return self.output(self.attend(q, k, v, mask, self.dropout if self.training else 0.0))
+
+    def heads(self, x, T: int, n: int):
+        return x.view(x.size(0), T, n, self.head_dim).transpose(1, 2)  # [B, n, T, C]
+
+    def output(self, y):  # [B, H, T, C] -> [B, T, D]
+        y = y.transpose(1, 2).flatten(2)
         return self.resid_dropout(self.proj(y))
+
+
+class CrossAttention(Attention):
+    """Attention from the sequence (queries) to a second one (keys and values): ctx.memory, [B, S, D], such
+    as an encoder's output or a prompt's embeddings (Vaswani et al.'s decoder). Every query sees every memory
+    position, so it stays causal in the sequence itself; with RoPE, queries and memory are rotated by their
+    own positions. Generation recomputes the memory's keys: it is not in the KV cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, name: str = "cross_attn"):
+        super().__init__(cfg, layer, name)
+        del self.qkv  # self-attention's fused map becomes a query map on x and a key/value map on the memory
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.split = (kv_dim, kv_dim)
+        self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.bias)
+        self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.bias)
+
+    def forward(self, x, ctx: Context):
+        if ctx.memory is None:
+            raise GptlabError(
+                "the model has a CrossAttn part but was given no second sequence to attend to",
+                "call model(idx, memory=...) with a [batch, length, d_model] tensor (training and sampling "
+                "from the command line give none)",
+            )
+        T, S = x.size(1), ctx.memory.size(1)
+        k, v = self.kv(ctx.memory).split(self.split, dim=-1)
+        q, k, v = self.heads(self.q(x), T, self.n_head), self.heads(k, S, self.n_kv_head), self.heads(v, S, self.n_kv_head)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if ctx.rotation is not None:
+            q, k = apply_rotary(q, ctx.rotation), apply_rotary(k, ctx.memory_rotation)
+        everything = torch.ones(1, 1, T, S, dtype=torch.bool, device=x.device)
+        return self.output(self.attend(q, k, v, everything, self.dropout if self.training else 0.0))
 
 
 # --------------------------------------------------------------------------- MLP
@@ -280,49 +350,53 @@ MLPS = {
 }
 
 
-# --------------------------------------------------------------------------- blocks
+# --------------------------------------------------------------------------- parts and blocks
+
+
+def mlp_part(cfg: ModelConfig, layer: int, name: str) -> nn.Module:
+    mlp_class, activation = MLPS[cfg.mlp]
+    return mlp_class(cfg, activation)
+
+
+# What each name in a block string builds (the names and their meanings: model/blocks.py PARTS). A part
+# maps [B, T, D] to [B, T, D]; those that take a Context (attention, MoE) say so with `reads_context`.
+PARTS = {
+    "Norm": lambda cfg, layer, name: make_norm(cfg),
+    "Attn": Attention,
+    "MLP": mlp_part,
+    "MoE": lambda cfg, layer, name: MoE(cfg, MLPS[cfg.mlp][1], gated=MLPS[cfg.mlp][0] is GatedMLP),
+    "CrossAttn": CrossAttention,
+    "KAN": lambda cfg, layer, name: KANMLP(cfg),
+}
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)) (GPT-2 onwards). Subclasses move the norms."""
-
-    final_norm = True  # the residual stream leaves the last block un-normalised
+    """One transformer block, as model.block writes it: each part applied to the branch value h, `+` adding
+    it to the residual stream x, `=` replacing x with it; parallel branches each start from the block's
+    input and add their changes up (model/blocks.py)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        mlp_class, activation = MLPS[cfg.mlp]
-        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
-        self.attn = Attention(cfg, layer)
-        self.mlp = mlp_class(cfg, activation)
+        self.branches = name_parts(cfg.layout)  # [[(token, attribute name or None), ...], ...]
+        parts = [(token, name) for branch in self.branches for token, name in branch if name]
+        # norms first: the order the named layouts' modules had before block strings (old optimizer states)
+        for token, name in sorted(parts, key=lambda part: part[0] != "Norm"):
+            self.add_module(name, PARTS[token](cfg, layer, name))
 
-    def forward(self, x, rotation=None, mask=None, cache=None):
-        x = x + self.attn(self.norm1(x), rotation, mask, cache)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, ctx: Context):
+        if len(self.branches) == 1:
+            return self.run(self.branches[0], x, ctx)
+        return x + sum(self.run(branch, x, ctx) - x for branch in self.branches)
 
-
-class PostNormBlock(Block):
-    """norm(x + attn(x)), then norm(x + mlp(x)): the original Transformer (AureliusGPT-Torch)."""
-
-    final_norm = False  # the last block's output is already normalised
-
-    def forward(self, x, rotation=None, mask=None, cache=None):
-        x = self.norm1(x + self.attn(x, rotation, mask, cache))
-        return self.norm2(x + self.mlp(x))
-
-
-class SandwichBlock(Block):
-    """Pre-norm plus a norm on each sublayer's output before the residual add (minGrok, DefaultGPT's option)."""
-
-    def __init__(self, cfg: ModelConfig, layer: int):
-        super().__init__(cfg, layer)
-        self.norm1_out, self.norm2_out = make_norm(cfg), make_norm(cfg)
-
-    def forward(self, x, rotation=None, mask=None, cache=None):
-        x = x + self.norm1_out(self.attn(self.norm1(x), rotation, mask, cache))
-        return x + self.norm2_out(self.mlp(self.norm2(x)))
-
-
-BLOCKS = {"pre": Block, "post": PostNormBlock, "sandwich": SandwichBlock}
+    def run(self, branch, x, ctx: Context):
+        h = x
+        for token, name in branch:
+            if name is not None:
+                part = getattr(self, name)
+                h = part(h, ctx) if getattr(part, "reads_context", False) else part(h)
+            else:
+                x = h = x + h if token == ADD else h  # "+": add the branch to the stream; "=": replace the stream
+        return x
 
 
 # --------------------------------------------------------------------------- init
@@ -365,40 +439,51 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = POSITIONS[cfg.position](cfg)
         self.drop = nn.Dropout(cfg.dropout)
-        block_class = BLOCKS[cfg.norm_placement]
-        self.blocks = nn.ModuleList(block_class(cfg, layer) for layer in range(cfg.n_layer))
-        self.norm_f = make_norm(cfg) if block_class.final_norm else nn.Identity()
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
+        # the stream leaves the last block un-normalised unless the block string ends with "Norm->="
+        self.norm_f = nn.Identity() if ends_normalised(cfg.layout) else make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one matrix reads tokens in and writes them out
         INITS[cfg.init](self, cfg)
         self.loss = LOSSES[loss]  # the head's cross-entropy: plain (through the logits) or fused (model/loss.py)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, valid=None, return_logits: bool = False):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, valid=None, return_logits: bool = False,
+                memory=None):
         """idx [B, T] token ids -> (logits [B, T, V], None) without targets, (None, loss) with them.
 
         The loss is the mean cross-entropy over targets != -1, computed by the loss function chosen at set-up,
         which need not build the logits (the fused one does not); return_logits=True asks for them as well:
-        (logits, loss). With a cache (generation), idx continues the cached sequence, `valid` ([B, T] bool)
-        marks its real tokens (default: all), and only the last position's logits come back: [B, 1, V].
+        (logits, loss). In training mode the parts' auxiliary losses (MoE's balancing) are added to it and
+        kept, detached, in `self.aux_loss`. With a cache (generation), idx continues the cached sequence,
+        `valid` ([B, T] bool) marks its real tokens (default: all), and only the last position's logits come
+        back: [B, 1, V]. `memory` ([B, S, D]) is the second sequence CrossAttn parts attend to.
         """
         B, T = idx.shape
         if cache is None:
             self.check_length(T)
-            pos, mask = torch.arange(T, device=idx.device)[None], None  # [1, T]; causal attention
+            pos = torch.arange(T, device=idx.device)[None]  # [1, T]
         else:
-            pos, mask = cache.append(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
+            pos = cache.append(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
+        ctx = Context(pos, self.positions.rotation(pos), cache, memory)
+        if memory is not None:
+            ctx.memory_rotation = self.positions.rotation(torch.arange(memory.size(1), device=idx.device)[None])
         x = self.drop(self.positions.add(self.tok_emb(idx), pos))  # [B, T, D]
-        rotation = self.positions.rotation(pos)
         for block in self.blocks:
-            x = block(x, rotation, mask, cache)
+            x = block(x, ctx)
         x = self.norm_f(x)
         if cache is not None:
             x = x[:, -1:]  # the next token is all generation needs
         if targets is None or return_logits:
             logits = self.lm_head(x)  # [B, T, V]
-            return logits, None if targets is None else logits_cross_entropy(logits, targets)
-        return None, self.loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+            loss = None if targets is None else logits_cross_entropy(logits, targets)
+        else:
+            logits, loss = None, self.loss(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        if loss is not None and self.training and ctx.aux_losses:
+            aux = sum(ctx.aux_losses)
+            self.aux_loss = aux.detach()
+            loss = loss + aux
+        return logits, loss
 
     def check_length(self, T: int) -> None:
         limit = self.positions.max_len
@@ -427,7 +512,7 @@ class GPT(nn.Module):
     def fused_matrices(self) -> dict[nn.Parameter, tuple[int, ...]]:
         """Weights that stack several matrices by rows -> their row counts: Q, K and V of every attention, gate
         and up of every gated MLP (Muon orthogonalises them one by one)."""
-        stacked = {Attention: "qkv", GatedMLP: "fc"}  # the module's weight that holds its matrices
+        stacked = {Attention: "qkv", CrossAttention: "kv", GatedMLP: "fc"}  # the weight that holds the matrices
         return {getattr(m, stacked[type(m)]).weight: m.split for m in self.modules() if type(m) in stacked}
 
     def flops_per_token(self) -> float:

@@ -17,6 +17,7 @@ import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
+from gptlab.model.blocks import block_label
 
 
 def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None) -> int:
@@ -32,25 +33,30 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     dropout = cfg.dropout > 0
 
-    # per token and layer: the two norms on the residual stream keep their fp32 input (RMS and cosine norms
-    # also their normalised output); sandwich norms also keep the sublayer outputs they normalise
+    # the parts of a block, counted (model/blocks.py); parts other than norms, attention and MLPs (MoE, KAN,
+    # cross-attention) are counted as the MLP or attention they replace, times their active copies
+    tokens = [token for branch in cfg.layout for token in branch]
+    n_norm, n_attn = tokens.count("Norm"), tokens.count("Attn") + tokens.count("CrossAttn")
+    n_mlp = tokens.count("MLP") + tokens.count("KAN") + tokens.count("MoE") * (cfg.moe_topk + cfg.moe_shared)
+    # per token and layer: the norms on the residual stream (two in a pre-norm block) keep their fp32 input
+    # (RMS and cosine norms also their normalised output); more norms (sandwich) keep the sublayer outputs
     norm_copies = 1 if cfg.norm == "layernorm" else 2
-    per_token = 2 * norm_copies * h * 4 + (2 * norm_copies * h * p if cfg.norm_placement == "sandwich" else 0)
+    per_token = min(n_norm, 2) * norm_copies * h * 4 + max(n_norm - 2, 0) * norm_copies * h * p
     # attention: input of the QKV matmul, its output, new Q and K after QK-norm and after RoPE, the attention
     # output (the fused kernel keeps it) and its copy that enters the output projection
     rewrites = int(cfg.qk_norm) + int(cfg.position == "rope")
     fused = cfg.attention == "sdpa"
-    per_token += (h + (q_dim + 2 * kv_dim) + rewrites * (q_dim + kv_dim) + q_dim * (1 + fused)) * p
-    per_token += 2 * kv_dim * p * dropout * fused  # the values' dropout mask and dropped copy
+    per_token += n_attn * (h + (q_dim + 2 * kv_dim) + rewrites * (q_dim + kv_dim) + q_dim * (1 + fused)) * p
+    per_token += n_attn * 2 * kv_dim * p * dropout * fused  # the values' dropout mask and dropped copy
     # MLP: its input, then gate+up, activation and product (gated), or the hidden layer before and after
     # the activation (ReLU keeps only its output)
     hidden = {"swiglu": 4, "geglu": 4, "relu": 1}.get(cfg.mlp, 2) * f
-    per_token += (h + hidden) * p
-    per_token += 2 * h * p * dropout  # masks of the two residual dropouts
+    per_token += n_mlp * (h + hidden) * p
+    per_token += (n_attn + n_mlp) * h * p * dropout  # masks of the residual dropouts
     if fused:  # flash attention recomputes the s x s matrix in backward: only a log-sum-exp per row
-        attention_matrix = cfg.n_head * b * s * 4
+        attention_matrix = n_attn * cfg.n_head * b * s * 4
     else:  # softmax output, plus the dropout mask and dropped probabilities
-        attention_matrix = cfg.n_head * b * s * s * p * (1 + 2 * dropout)
+        attention_matrix = n_attn * cfg.n_head * b * s * s * p * (1 + 2 * dropout)
     per_layer = s * b * per_token + attention_matrix
 
     # outside the blocks: the final norm's fp32 input, the head's input, the logits (the caller holds them
@@ -100,7 +106,7 @@ def describe(cfg: ModelConfig) -> str:
     kv = {cfg.n_head: "MHA", 1: "MQA"}.get(cfg.kv_heads, f"GQA {cfg.kv_heads} kv heads")
     return (
         f"{cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads x {cfg.head_dim} ({kv}), "
-        f"ctx {cfg.context_length}, vocab {cfg.vocab_size:,}; {cfg.norm} {cfg.norm_placement}-norm, "
+        f"ctx {cfg.context_length}, vocab {cfg.vocab_size:,}; block {block_label(cfg.block)}; {cfg.norm}, "
         f"{cfg.position} positions, {cfg.mlp} MLP {cfg.ff_dim}, "
         f"{'bias' if cfg.bias else 'no bias'}, {'tied' if cfg.tie_embeddings else 'untied'} embeddings"
     )

@@ -1,0 +1,94 @@
+"""Attention masks beyond causal: which earlier tokens a query may see, per layer.
+
+A rule is a function of query and key positions (integer tensors that broadcast against each other) that
+returns True where the query may attend. Every rule is applied within the causal mask, so a model stays a
+left-to-right language model whatever the rule says, and its KV cache stays valid; and a query always
+sees itself. `model.mask` names one
+rule per layer (a list cycles over the layers); `model.window` sizes the built-in ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from gptlab.errors import GptlabError
+
+MaskFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """A layer's attention mask: `allows(q_pos, k_pos)` within causal, and `span`, the most recent keys a
+    query can ever see (itself included), or None when it may see any earlier key. A cache may forget keys
+    older than the span."""
+
+    name: str
+    allows: MaskFunction | None  # None: plain causal
+    span: int | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.allows is None
+
+
+def sliding_window(window: int) -> MaskFunction:
+    """The last `window` tokens, the query itself included (Longformer, Mistral; Gemma's local layers)."""
+    return lambda q, k: q - k < window
+
+
+def strided(window: int) -> MaskFunction:
+    """Sparse Transformer's strided pattern (Child et al. 2019): the last `window` tokens, plus every
+    window-th token before them, so any earlier token is at most two attention hops away."""
+    return lambda q, k: (q - k < window) | ((q - k) % window == 0)
+
+
+def mask_rule(name: str, window: int) -> MaskRule:
+    """The rule `model.mask` names: causal, window, strided, or package.module:function."""
+    if name == "causal":
+        return MaskRule("causal", None)
+    if name == "window":
+        return MaskRule(f"window {window}", sliding_window(window), span=window)
+    if name == "strided":
+        return MaskRule(f"strided {window}", strided(window))
+    return MaskRule(name, user_function(name))
+
+
+def user_function(name: str) -> MaskFunction:
+    """`package.module:function` imported: a function (q_pos, k_pos) -> bool tensor."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise GptlabError(
+            f"model.mask {name!r} is not a mask",
+            "use causal, window, strided, or package.module:function for a function of (q_pos, k_pos)",
+        )
+    try:
+        function = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise GptlabError(
+            f"model.mask {name!r}: cannot import it ({e})", "check the module is on the Python path and defines it"
+        ) from None
+    if not callable(function):
+        raise GptlabError(f"model.mask {name!r} is not a function", "point it at a function of (q_pos, k_pos)")
+    return function
+
+
+def layer_rules(masks: str | list[str], window: int, n_layer: int) -> list[MaskRule]:
+    """One rule per layer: `masks` cycled over the layers."""
+    names = [masks] if isinstance(masks, str) else list(masks)
+    if not names:
+        raise GptlabError("model.mask is an empty list", 'give one mask, e.g. "causal", or a list to cycle')
+    rules = {name: mask_rule(name, window) for name in dict.fromkeys(names)}
+    return [rules[names[layer % len(names)]] for layer in range(n_layer)]
+
+
+def rule_mask(rule: MaskRule, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """Bool [.., T_q, T_k]: causal and the rule, from query positions [.., T_q] and key positions [.., T_k].
+    A query always sees itself, whatever the rule: a softmax over no keys would be NaN."""
+    q, k = q_pos.unsqueeze(-1), k_pos.unsqueeze(-2)
+    if rule.allows is None:
+        return k <= q
+    return (k <= q) & (rule.allows(q, k) | (k == q))
