@@ -354,6 +354,22 @@ def _add_model_commands(sub) -> None:
     p.add_argument("model", metavar="PRESET|CONFIG", help="a preset name, a TOML config file, or `list` for the presets")
     p.set_defaults(func=_model_info)
 
+    p = _parser(
+        sub,
+        "model parts",
+        "the parts a block string is written with, the named layouts, and the attention masks",
+        """
+        gptlab model parts
+        gptlab model info tiny-1m --model.vocab_size=4096 --model.block="Norm->Attn->+->Norm->MoE->+"
+        gptlab train ... --model.block='["Norm->Attn->+->Norm->MLP->+", "Norm->MoE->+"]'   # Snowflake Arctic
+        gptlab train ... --model.mask='["window", "window", "causal"]' --model.window=64  # local/global
+        """,
+        description="model.block writes a transformer block as parts joined by ->: each part maps the branch "
+        "value, + adds the branch to the residual stream, = replaces the stream with it; a list of strings is "
+        "parallel branches whose additions are summed.",
+    )
+    p.set_defaults(func=_model_parts)
+
 
 def _model_info(args) -> int:
     from pathlib import Path
@@ -373,6 +389,24 @@ def _model_info(args) -> int:
     if model_cfg.vocab_size is None:  # as training does: the tokenizer decides
         model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
     print(format_model_info(model_info(model_cfg, cfg.train.batch_size), model_cfg.preset or args.model, model_cfg))
+    return 0
+
+
+def _model_parts(args) -> int:
+    from gptlab.model.blocks import ADD, LAYOUTS, PARTS, REPLACE, block_label
+
+    width = max(map(len, PARTS))
+    print("parts (model.block):")
+    print("\n".join(f"  {name:<{width}}  {doc}" for name, doc in PARTS.items()))
+    print(f"  {ADD:<{width}}  add the branch to the residual stream (x = x + h)")
+    print(f"  {REPLACE:<{width}}  replace the residual stream with the branch (x = h)")
+    print("\nlayouts (model.block = NAME):")
+    print("\n".join(f"  {block_label(name)}" for name in LAYOUTS))
+    print("\nattention masks (model.mask, a list cycles over the layers; always within causal):")
+    print("  causal    every earlier token")
+    print("  window    the last model.window tokens (sliding window; the KV cache keeps only them)")
+    print("  strided   the window plus every window-th token before it (Sparse Transformer)")
+    print("  pkg.module:function   your own: function(q_pos, k_pos) -> bool tensor")
     return 0
 
 
