@@ -6,7 +6,7 @@ import torch
 
 from gptlab.config import ModelConfig
 from gptlab.model import GPT, KVCache
-from gptlab.model.kan import GRID_RANGE, KANLayer, KANMLP, b_spline_bases, kan_hidden, uniform_knots
+from gptlab.model.kan import GRID_RANGE, KANMLP, KANLayer, b_spline_bases, kan_hidden, uniform_knots
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
