@@ -156,6 +156,9 @@ def test_cli_run_directory(make_export_run, capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:2] == ["module", "class"]  # -q: no title line
     assert any(line.split()[:2] == ["norm4", "RMSNorm"] for line in out.splitlines())  # the run's sandwich blocks
+    assert main(["model", "info", str(run), "--batch-size", "3"]) == 0  # info reads run directories the same way
+    out = capsys.readouterr().out
+    assert "2 layers x 32" in out and "block sandwich" in out and "batch 3 x 64" in out
 
 
 def test_cli_help_has_examples(capsys):

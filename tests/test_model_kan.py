@@ -59,8 +59,8 @@ def test_a_layer_learns_curves_a_linear_layer_cannot():
             opt.step()
         return loss.item() / y.var().item()
 
-    assert fit(KANLayer(8, 1, grid=8, order=3)) < 0.1
-    assert fit(torch.nn.Linear(8, 1)) > 0.8
+    assert fit(KANLayer(8, 1, grid=8, order=3)) < 0.01  # measured: ~3e-4 of the variance left
+    assert fit(torch.nn.Linear(8, 1)) > 0.8  # measured: ~0.99
 
 
 def test_hidden_width_keeps_the_mlps_parameter_count():

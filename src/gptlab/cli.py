@@ -351,7 +351,8 @@ def _add_model_commands(sub) -> None:
         "memory for weights, gradients, AdamW state and activations (an estimate) in fp32 and bf16 autocast. "
         "The vocabulary size, if the model does not fix it, is the [tokenizer] section's.",
     )
-    p.add_argument("model", metavar="PRESET|CONFIG", help="a preset name, a TOML config file, or `list` for the presets")
+    p.add_argument("model", metavar="PRESET|CONFIG|RUN", help="a preset name, a TOML config file, a run directory, "
+                   "or `list` for the presets")
     p.set_defaults(func=_model_info)
 
     p = _parser(
@@ -387,7 +388,7 @@ def _model_config(args):
 
     source = Path(args.model)
     if source.is_dir():
-        cfg = load_run_config(source, args.overrides)
+        cfg = load_run_config(source, [*_aliases(args), *args.overrides])
     elif args.model.endswith(".toml") or source.is_file():
         cfg = _config(args, path=args.model)
     elif "/" in args.model or os.sep in args.model:
