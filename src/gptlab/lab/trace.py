@@ -65,7 +65,8 @@ def trace(model: nn.Module, idx: torch.Tensor, depth: int | None = None, memory:
     check_depth(depth)
     modules = dict(model.named_modules())
     if memory is None and _has_cross_attention(model):
-        memory = torch.zeros(idx.size(0), idx.size(1), model.cfg.d_model, device=idx.device)
+        dtype = next(model.parameters()).dtype
+        memory = torch.zeros(idx.size(0), idx.size(1), model.cfg.d_model, device=idx.device, dtype=dtype)
     calls: dict[str, dict] = {}
 
     def started(name):  # before the module runs: the order calls begin in, and the first call's inputs
@@ -119,12 +120,12 @@ def _rows(model, modules: dict[str, nn.Module], calls: dict[str, dict], depth: i
     # or a positions module whose table is read by indexing, never runs itself)
     begun = {}
     for name in modules:
-        orders = [calls[n]["order"] for n in modules if n in calls and (n == name or name == "" or n.startswith(name + "."))]
+        orders = [calls[n]["order"] for n in modules if n in calls and _under(n, name)]
         begun[name] = min(orders) if orders else None
     rows = []
 
     def visit(name: str, module: nn.Module, level: int):
-        subtree = [n for n in modules if n == name or name == "" or n.startswith(name + ".")]
+        subtree = [n for n in modules if _under(n, name)]
         call = calls.get(name, {})
         children = [(f"{name}.{child}" if name else child, m) for child, m in module.named_children()]
         children = [(n, m) for n, m in children if n in modules]  # a module registered twice is listed once
@@ -139,6 +140,11 @@ def _rows(model, modules: dict[str, nn.Module], calls: dict[str, dict], depth: i
 
     visit("", model, 0)
     return rows
+
+
+def _under(name: str, parent: str) -> bool:
+    """The module `name` is `parent` or inside it ("" is the model)."""
+    return not parent or name == parent or name.startswith(parent + ".")
 
 
 def format_trace(rows: list[TraceRow]) -> str:
