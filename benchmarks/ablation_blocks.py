@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     say("")
     gptlab(["compare", *(str(out / n) for n in names), "--x", "time", "--out", str(out), "-q"])
     base = rows.get("baseline")
-    header = (f"| variant | parameters | MFLOP/token | steps | tokens | tokens/s | vs baseline | held-out bpb | vs baseline |\n"
-              f"|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    header = ("| variant | parameters | MFLOP/token | steps | tokens | tokens/s | vs baseline | held-out bpb | vs baseline |\n"
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [header]
     for name, r in rows.items():
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import read_metrics, tiny_config
 
 from gptlab.cli import main
 from gptlab.config import ModelConfig
@@ -10,7 +11,6 @@ from gptlab.model import GPT, KVCache
 from gptlab.model import gpt as gpt_module
 from gptlab.model.blocks import LAYOUTS, PARTS, block_label, ends_normalised, name_parts, parse_block
 from gptlab.runs import load_run
-from helpers import read_metrics, tiny_config
 
 ARCTIC = ["Norm->Attn->+->Norm->MLP->+", "Norm->MLP->+"]  # Snowflake Arctic's shape, with an MLP for its MoE
 
@@ -34,7 +34,9 @@ def test_named_layouts_are_strings_of_the_same_language():
 
 
 def test_pre_and_post_keep_the_module_names_exporters_and_old_checkpoints_use():
-    names = lambda spec: [name for branch in name_parts(parse_block(spec)) for _, name in branch if name]
+    def names(spec):
+        return [name for branch in name_parts(parse_block(spec)) for _, name in branch if name]
+
     assert names("pre") == ["norm1", "attn", "norm2", "mlp"]
     assert names("post") == ["attn", "norm1", "mlp", "norm2"]
     assert names("parallel") == ["norm1", "attn", "norm2", "mlp"]

@@ -351,7 +351,8 @@ def _add_model_commands(sub) -> None:
         "memory for weights, gradients, AdamW state and activations (an estimate) in fp32 and bf16 autocast. "
         "The vocabulary size, if the model does not fix it, is the [tokenizer] section's.",
     )
-    p.add_argument("model", metavar="PRESET|CONFIG", help="a preset name, a TOML config file, or `list` for the presets")
+    p.add_argument("model", metavar="PRESET|CONFIG|RUN", help="a preset name, a TOML config file, a run directory, "
+                   "or `list` for the presets")
     p.set_defaults(func=_model_info)
 
     p = _parser(
@@ -370,24 +371,63 @@ def _add_model_commands(sub) -> None:
     )
     p.set_defaults(func=_model_parts)
 
+    p = _parser(
+        sub,
+        "model trace",
+        "run a small batch through a model and print every module's input and output shapes and parameters",
+        """
+        gptlab model trace tiny-1m
+        gptlab model trace tiny-1m --depth 3 --model.block=parallel
+        gptlab model trace defaultgpt-0.5m --model.block="Norm->Attn->+->Norm->KAN->+"
+        gptlab model trace recipes/aurelius.toml --batch-size 1 --seq-len 8
+        gptlab model trace runs/tiny --json > trace.json
+        """,
+        description="Build the model (random weights), run --batch-size rows of --seq-len random tokens through it "
+        "and print its module tree in the order the modules run: each one's class, input and output shapes and "
+        "dtypes (of its first call), its own parameters and the total under it. A model with CrossAttn parts reads "
+        "a zero memory as long as the sequence. Notebooks: gptlab.lab.trace(model, idx).",
+    )
+    p.add_argument("model", metavar="PRESET|CONFIG|RUN", help="a preset name, a TOML config file, or a run directory")
+    p.add_argument("--depth", type=int, metavar="N", help="levels below the model to show (0: the model alone; default: all)")
+    p.add_argument("--batch-size", "-b", type=int, default=2, metavar="B", help="rows in the batch (default 2)")
+    p.add_argument("--seq-len", type=int, metavar="T", help="tokens a row (default: the context length, at most 16)")
+    p.add_argument("--json", action="store_true", help="the rows as JSON instead of a table")
+    p.set_defaults(func=_model_trace)
 
-def _model_info(args) -> int:
+
+def _model_config(args):
+    """(the config, the model's section with its vocabulary size) of a preset name, a TOML file or a run folder."""
     from pathlib import Path
 
+    from gptlab.runs import load_run_config
+    from gptlab.tokenizer import load_tokenizer, planned_vocab_size
+
+    source = Path(args.model)
+    if source.is_dir():
+        cfg = load_run_config(source, [*_aliases(args), *args.overrides])
+    elif args.model.endswith(".toml") or source.is_file():
+        cfg = _config(args, path=args.model)
+    elif "/" in args.model or os.sep in args.model:
+        raise GptlabError(f"no such file or run directory: {args.model}", "give a preset name (`gptlab model info list`), "
+                          "a TOML config file or a run directory")
+    else:
+        cfg = _config(args, extra=[("model.preset", args.model)])
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None:  # as training does: the tokenizer decides (a run's own, if it has one)
+        tokenizer = source / "tokenizer.json" if source.is_dir() else None
+        vocab = load_tokenizer(tokenizer).vocab_size if tokenizer and tokenizer.is_file() else planned_vocab_size(cfg.tokenizer)
+        model_cfg = model_cfg.model_copy(update={"vocab_size": vocab})
+    return cfg, model_cfg
+
+
+def _model_info(args) -> int:
     from gptlab.config import MODEL_PRESETS
     from gptlab.model import format_model_info, model_info
-    from gptlab.tokenizer import planned_vocab_size
 
     if args.model == "list":
         print("\n".join(MODEL_PRESETS))
         return 0
-    if args.model.endswith(".toml") or Path(args.model).is_file():
-        cfg = _config(args, path=args.model)
-    else:
-        cfg = _config(args, extra=[("model.preset", args.model)])
-    model_cfg = cfg.model
-    if model_cfg.vocab_size is None:  # as training does: the tokenizer decides
-        model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
+    cfg, model_cfg = _model_config(args)
     print(format_model_info(model_info(model_cfg, cfg.train.batch_size), model_cfg.preset or args.model, model_cfg))
     return 0
 
@@ -407,6 +447,22 @@ def _model_parts(args) -> int:
     print("  window    the last model.window tokens (sliding window; the KV cache keeps only them)")
     print("  strided   the window plus every window-th token before it (Sparse Transformer)")
     print("  pkg.module:function   your own: function(q_pos, k_pos) -> bool tensor")
+    return 0
+
+
+def _model_trace(args) -> int:
+    import json
+
+    from gptlab.lab.trace import format_trace, rows_as_json, trace_model
+    from gptlab.model.info import describe
+
+    _, model_cfg = _model_config(args)
+    rows = trace_model(model_cfg, args.batch_size, args.seq_len, args.depth)
+    if args.json:
+        print(json.dumps(rows_as_json(rows), indent=1))
+    else:
+        _say(args, f"{model_cfg.preset or args.model}: {describe(model_cfg)}", "")
+        print(format_trace(rows))
     return 0
 
 

@@ -15,6 +15,7 @@ parses; the parts themselves are the PARTS table in model/gpt.py.
 from __future__ import annotations
 
 import difflib
+
 from gptlab.errors import GptlabError
 
 LAYOUTS: dict[str, str | list[str]] = {
@@ -45,7 +46,7 @@ def layout_text(spec: str | list[str]) -> str | list[str]:
     return spec
 
 
-def parse_block(spec: str | list[str], parts: list[str] = list(PARTS)) -> list[list[str]]:
+def parse_block(spec: str | list[str], parts: tuple[str, ...] = tuple(PARTS)) -> list[list[str]]:
     """A block spec (layout name, string or list of strings) -> its branches, each a list of tokens.
 
     Raises GptlabError naming the bad token, its place, and the parts there are.
@@ -57,7 +58,7 @@ def parse_block(spec: str | list[str], parts: list[str] = list(PARTS)) -> list[l
     return [_parse_branch(branch, parts) for branch in branches]
 
 
-def _parse_branch(text: str, parts: list[str]) -> list[str]:
+def _parse_branch(text: str, parts: tuple[str, ...]) -> list[str]:
     if not isinstance(text, str):
         raise GptlabError(f"model.block: {text!r} is not a string", f"write a branch like {LAYOUTS['pre']!r}")
     tokens = [t.strip() for t in text.split(ARROW)]
@@ -71,7 +72,7 @@ def _parse_branch(text: str, parts: list[str]) -> list[str]:
             open_parts += 1
         else:
             case = {p.lower(): p for p in parts}.get(token.lower())
-            names = parts + list(LAYOUTS) if len(tokens) == 1 else parts  # one word may be a mistyped layout
+            names = [*parts, *LAYOUTS] if len(tokens) == 1 else list(parts)  # one word may be a mistyped layout
             close = case or next(iter(difflib.get_close_matches(token, names, n=1)), None)
             what = "an empty part (two arrows in a row?)" if not token else f"unknown part {token!r}"
             _fail(text, tokens, i, what + (f" (did you mean {close!r}?)" if close else ""), parts)
@@ -81,7 +82,7 @@ def _parse_branch(text: str, parts: list[str]) -> list[str]:
     return tokens
 
 
-def _fail(text: str, tokens: list[str], i: int, problem: str, parts: list[str], fix: str | None = None):
+def _fail(text: str, tokens: list[str], i: int, problem: str, parts: tuple[str, ...], fix: str | None = None):
     marked = ARROW.join(f"[{t}]" if j == i else t for j, t in enumerate(tokens))
     raise GptlabError(
         f"model.block {text!r}: {problem} at token {i + 1}: {marked}",

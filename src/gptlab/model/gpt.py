@@ -467,6 +467,7 @@ class GPT(nn.Module):
             pos = cache.append(valid if valid is not None else torch.ones_like(idx, dtype=torch.bool))
         ctx = Context(pos, self.positions.rotation(pos), cache, memory)
         if memory is not None:
+            self.check_memory(memory, B)
             ctx.memory_rotation = self.positions.rotation(torch.arange(memory.size(1), device=idx.device)[None])
         x = self.drop(self.positions.add(self.tok_emb(idx), pos))  # [B, T, D]
         for block in self.blocks:
@@ -492,6 +493,23 @@ class GPT(nn.Module):
                 f"sequence of {T} tokens is longer than model.context_length={limit} "
                 f"(position={self.cfg.position} has no positions beyond it)",
                 f"use sequences of at most {limit} tokens or raise model.context_length",
+            )
+
+    def check_memory(self, memory, B: int) -> None:
+        """CrossAttn's memory is [B (or 1, shared by every row), S, d_model]; with RoPE, S is within the
+        positions' table (memory positions are rotated too)."""
+        D = self.cfg.d_model
+        if memory.dim() != 3 or memory.size(0) not in (1, B) or memory.size(2) != D:
+            raise GptlabError(
+                f"memory has shape {list(memory.shape)}; CrossAttn reads [batch, length, d_model] = [{B}, S, {D}]",
+                "pass memory=tensor of that shape (batch 1 is shared by every row)",
+            )
+        limit = self.positions.max_len
+        if self.cfg.position == "rope" and memory.size(1) > limit:
+            raise GptlabError(
+                f"memory of {memory.size(1)} positions is longer than model.context_length={limit} "
+                "(RoPE rotates the memory by its positions too)",
+                f"pass at most {limit} memory positions or raise model.context_length",
             )
 
     # ----------------------------------------------------------------- accounting
