@@ -306,3 +306,36 @@ def test_a_bad_mask_is_one_line_and_exit_2(setting, says, capsys):
 
 def test_model_info_with_a_good_user_mask_works(capsys):
     assert main(["model", "info", "tiny-1m", "--model.vocab_size=100", f"--model.mask={SINK}"]) == 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_a_window_run_exports_as_mistral_and_is_refused_as_gguf(make_export_run, tmp_path, capsys):
+    """MistralForCausalLM's sliding window is model.window: the same logits past the window, the same
+    greedy tokens through transformers' cache; and back again on import. llama.cpp's llama has no window."""
+    transformers = pytest.importorskip("transformers")
+    from gptlab.export import export_hf, import_hf
+    from gptlab.runs import load_run
+
+    run = make_export_run("mistral", norm="rmsnorm", position="rope", mlp="swiglu", mask="window", window=5)
+    out = tmp_path / "hf"
+    assert export_hf(run, out)["architecture"] == "MistralForCausalLM"
+    ours, _, _ = load_run(run)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    x = tokens(1, 30, seed=5) % ours.cfg.vocab_size
+    with torch.no_grad():
+        ours_logits, theirs_logits = ours(x)[0], theirs(x).logits
+    assert ours_logits.std() > 0.5
+    torch.testing.assert_close(theirs_logits, ours_logits, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        generated = theirs.generate(x[:, :6], do_sample=False, max_new_tokens=20, attention_mask=torch.ones_like(x[:, :6]))
+    assert sample_tokens(ours, [x[0, :6].tolist()], 20, temperature=0, compile=False)[0][0] == generated[0, 6:].tolist()
+
+    import_hf(out, tmp_path / "imported")
+    imported, _, _ = load_run(tmp_path / "imported")
+    assert imported.cfg.mask == "window" and imported.cfg.window == 5
+    capsys.readouterr()
+    assert main(["export", str(run), "--gguf", str(tmp_path / "model.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "model.mask=window" in err and len(err.strip().splitlines()) == 1
