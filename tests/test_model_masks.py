@@ -182,6 +182,10 @@ def test_rewinding_within_the_slack_forgets_the_rewound_tokens_and_past_it_is_an
         cache.length = 12  # back to the end of the context, as HellaSwag does between endings
         got, _ = model(other, cache=cache)
         want, _ = model(torch.cat([context, other], dim=1))
+        torch.testing.assert_close(got[0, -1], want[0, -1], atol=2e-5, rtol=0)
+        cache.length = 13  # and a decode step after a rewind: the ring's later (forgotten) columns stay unseen
+        got, _ = model(ending[:, :1], cache=cache.step())
+        want, _ = model(torch.cat([context, other[:, :1], ending[:, :1]], dim=1))
     torch.testing.assert_close(got[0, -1], want[0, -1], atol=2e-5, rtol=0)
     tight = KVCache(1, 40)  # ring of WINDOW columns: 5 tokens written past column 12 overwrote its window
     with torch.no_grad():
