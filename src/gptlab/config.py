@@ -316,6 +316,13 @@ class ModelConfig(Section):
                 f"model.moe_topk={self.moe_topk} is more than model.moe_experts={self.moe_experts}; "
                 f"route each token to at most {self.moe_experts} experts"
             )
+        if self.mask == []:
+            raise ValueError('model.mask is an empty list; give one mask, e.g. "causal", or a list to cycle over the layers')
+        for name in [self.mask] if isinstance(self.mask, str) else self.mask:
+            if name not in ("causal", "window", "strided") and ":" not in name:  # a function is imported at build
+                raise ValueError(
+                    f"model.mask {name!r} is not a mask; use causal, window, strided, or package.module:function"
+                )
         from gptlab.model.blocks import parse_block  # no torch: checks the string as the config is read
 
         parse_block(self.block)

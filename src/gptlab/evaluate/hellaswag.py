@@ -175,7 +175,8 @@ def _score_shared(model, encoded: list[tuple[list[int], list[list[int]]]], devic
     contexts = [ctx for ctx, _ in encoded]
     ctx_ids, ctx_valid = _padded(contexts, device, left=True)
     longest_ending = max(len(e) for _, endings in encoded for e in endings)
-    cache = KVCache(len(encoded), ctx_ids.size(1) + longest_ending, device)
+    # slack: a window layer's ring keeps the context's last window while an ending is written past it
+    cache = KVCache(len(encoded), ctx_ids.size(1) + longest_ending, device, slack=longest_ending)
     last, _ = model(ctx_ids, cache=cache, valid=ctx_valid)
     first_logprobs = F.log_softmax(last[:, -1].float(), dim=-1)  # predicts each ending's first token
     context_end = cache.length

@@ -216,6 +216,29 @@ class Arcee(Llama):
     default_act = "relu2"
 
 
+# --------------------------------------------------------------------------- Mistral
+
+
+class Mistral(Llama):
+    """Llama whose every layer sees the last `sliding_window` tokens (MistralForCausalLM): a run with
+    model.mask = "window". transformers' window, kv_idx > q_idx - sliding_window, is gptlab's q - k < window.
+    Mistral's attention and MLP have no biases."""
+
+    name, architecture, model_type = "Mistral", "MistralForCausalLM", "mistral"
+    allowed = {**Llama.allowed, "mask": ("window",), "bias": (False,)}
+
+    def hf_config(self, cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict:
+        config = super().hf_config(cfg, token_ids)
+        for key in ("attention_bias", "mlp_bias", "pretraining_tp"):  # not Mistral's keys
+            del config[key]
+        return config | {"sliding_window": cfg.window}
+
+    def config_from_hf(self, hf: dict) -> ModelConfig:
+        cfg = super().config_from_hf(hf)
+        window = hf.get("sliding_window")  # null: every layer sees the whole context (Mistral 7B v0.2 onwards)
+        return cfg if window is None else cfg.model_copy(update={"mask": "window", "window": window})
+
+
 # --------------------------------------------------------------------------- GPT-2
 
 
@@ -321,7 +344,7 @@ def _taker(hf_sd: StateDict) -> Callable[[str], torch.Tensor]:
 # --------------------------------------------------------------------------- choosing
 
 
-FAMILIES: list[Family] = [Llama(), Arcee(), GPT2()]
+FAMILIES: list[Family] = [Llama(), Arcee(), Mistral(), GPT2()]
 BY_ARCHITECTURE: dict[str, Family] = {f.architecture: f for f in FAMILIES}
 
 

@@ -60,6 +60,9 @@ def check_gguf_exportable(cfg, tokenizer) -> str:
         raise GptlabError(f"GGUF export writes llama.cpp's llama or arcee architecture; this run is {family.name}-shaped "
                           f"(model.norm={cfg.norm}, model.position={cfg.position})",
                           f"train with --model.norm=rmsnorm --model.position=rope --model.mlp=swiglu for GGUF, {OR_HF}")
+    if cfg.mask != "causal":  # a Mistral-shaped run: llama.cpp's llama architecture has no sliding window
+        raise GptlabError(f"model.mask={cfg.mask} cannot be expressed by llama.cpp's llama or arcee architecture "
+                          "(every layer sees the whole context)", f"train with --model.mask=causal for GGUF, {OR_HF}")
     if cfg.bias:
         raise GptlabError("model.bias=true cannot be expressed by llama.cpp's llama or arcee architecture",
                           f"train with --model.bias=false for GGUF, {OR_HF}")

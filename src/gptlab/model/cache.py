@@ -1,4 +1,10 @@
-"""The KV cache: what generation keeps so each new token costs one position, not the whole sequence."""
+"""The KV cache: what generation keeps so each new token costs one position, not the whole sequence.
+
+A layer whose mask rule has a finite span (a sliding window: model.mask = "window") never reads keys older
+than the span, so KVCache keeps only the last ones, in a ring (`Ring`): a ring of R columns stores cache
+column c in slot c % R, and remembers which column each slot holds, so a pass rebuilds its mask from the
+positions and padding of the columns actually there. Other layers keep every column.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,8 @@ from gptlab.model.masks import MaskRule, rule_mask
 
 
 class KVCache:
-    """Keys and values of every position seen so far, preallocated: [B, K, max_len, C] per layer.
+    """Keys and values of every position seen so far, preallocated: [B, K, max_len, C] per layer, or
+    [B, K, span + slack, C] for a layer with a sliding window (a `Ring`).
 
     `valid` marks real tokens (False at left padding), so prompts of different lengths share a batch:
     each row's positions count only its real tokens, and no query ever attends to padding.
@@ -17,13 +24,21 @@ class KVCache:
     tokens a row (a prompt). GPT.forward(cache=cache.step()) appends one token a row through `StepRows`,
     whose state is tensors, not Python ints, and whose only changing shape is the number of columns read,
     marked dynamic: a torch.compile'd decode step is traced once for every position, not once a position.
+    (A ring is read whole, at the same width every step.)
+
+    `slack`: how many tokens a rewind (setting `length` back) may take back. Only rings care: they hold
+    span + slack columns, so that the window before the point rewound to is still there. HellaSwag scoring
+    rewinds each ending back to the context and passes its longest ending; plain generation never rewinds.
+    The per-column bookkeeping (`valid`, `key_positions`) stays max_len long: a few bytes a row and column,
+    against 2 x heads x head size numbers a layer for the keys and values.
     """
 
-    def __init__(self, batch_size: int, max_len: int, device=None):
-        self.batch_size, self.max_len = batch_size, max_len
+    def __init__(self, batch_size: int, max_len: int, device=None, slack: int = 0):
+        self.batch_size, self.max_len, self.slack = batch_size, max_len, slack
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.rings: dict[int, Ring] = {}  # the layers whose rule has a span shorter than the cache
         self.start = self._length = 0  # the positions being written are [start, length)
         # the same state as tensors, for StepRows: the last column written, each row's real tokens so far
         self.column = torch.full((1,), -1, dtype=torch.long, device=device)
@@ -50,7 +65,11 @@ class KVCache:
         return positions
 
     def update(self, layer, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
-        """Write a layer's new keys and values; return every one so far and the mask of this pass under `rule`."""
+        """Write a layer's new keys and values; return every one so far (or its ring's and the new ones) and the
+        mask of this pass under `rule`."""
+        ring = self.ring(layer, k, rule)
+        if ring is not None:
+            return ring.prefill(self, k, v, rule)
         keys, values = self.layer(layer, k, v)
         keys[:, :, self.start : self.length] = k
         values[:, :, self.start : self.length] = v
@@ -67,6 +86,15 @@ class KVCache:
             self.values[layer] = v.new_zeros(shape)
         return self.keys[layer], self.values[layer]
 
+    def ring(self, layer, k: torch.Tensor, rule: MaskRule) -> Ring | None:
+        """The layer's ring, made at first use, where its rule sees only the last `span` keys and a ring of
+        span + slack columns is smaller than the cache; else None (every column is kept)."""
+        if layer not in self.rings:
+            if rule.span is None or rule.span + self.slack >= self.max_len:
+                return None
+            self.rings[layer] = Ring(rule.span, rule.span + self.slack, self.batch_size, k)
+        return self.rings[layer]
+
     def step(self) -> StepRows:
         """The cache continued by one real token a row (a decode step): pass it to GPT.forward as `cache`."""
         self._advance(1)
@@ -81,11 +109,19 @@ class KVCache:
     @property
     def length(self) -> int:
         """Positions filled. Setting it back rewinds the cache: what came after is forgotten (HellaSwag's
-        endings each continue the same context)."""
+        endings each continue the same context). A ring must still hold the window before the point rewound
+        to; if tokens written since have overwritten part of it, rewinding raises ValueError."""
         return self._length
 
     @length.setter
     def length(self, length: int) -> None:
+        for ring in self.rings.values():
+            if not ring.holds_window_before(length):
+                raise ValueError(
+                    f"cannot rewind the KV cache from {self._length} to {length} positions: a window layer's ring "
+                    f"({ring.capacity} columns) has overwritten keys of its window before {length}; "
+                    f"make the KVCache with slack >= the tokens a rewind takes back"
+                )
         self._length = length
         self.valid[:, length:] = False
         self.seen.copy_(self.valid.sum(dim=1, keepdim=True))
@@ -115,6 +151,9 @@ class StepRows:
         return self.positions
 
     def update(self, layer, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
+        ring = self.cache.ring(layer, k, rule)
+        if ring is not None:
+            return ring.step(self, k, v, rule)
         keys, values = self.cache.layer(layer, k, v)
         keys.index_copy_(2, self.cache.column, k)
         values.index_copy_(2, self.cache.column, v)
@@ -123,6 +162,71 @@ class StepRows:
         if not rule.causal:
             mask = mask & rule_mask(rule, self.positions, self.cache.key_positions[:, :width])[:, None]
         return keys[:, :, :width], values[:, :, :width], mask
+
+
+class Ring:
+    """One window layer's keys and values in a KVCache: the last `capacity` columns written, column c in slot
+    c % capacity, [B, K, capacity, C], and `columns` [capacity], the cache column each slot holds (-1: none).
+
+    A query at column c sees at most the `span` columns c - span + 1 .. c. Rows are left-padded (padding only
+    before a row's first real token), so those columns are the row's last `span` real tokens, or fewer and
+    some padding, which the cache's `valid` hides. capacity = span holds them; capacity = span + slack also
+    keeps them after a rewind of up to `slack` tokens, whose writes overwrote only slots older than that.
+
+    A pass reads the ring whole and masks it from what each slot holds: its column must be filled (>= 0),
+    not later than the query's (after a rewind a slot may hold a forgotten later column), real (`valid`),
+    and allowed by the rule at the positions the cache recorded for it. Slots are not in column order, which
+    attention does not mind: it sums over keys, whatever their order.
+    """
+
+    def __init__(self, span: int, capacity: int, batch_size: int, k: torch.Tensor):
+        self.span, self.capacity = span, capacity
+        shape = (batch_size, k.size(1), capacity, k.size(3))
+        self.keys, self.values = k.new_zeros(shape), k.new_zeros(shape)
+        self.columns = torch.full((capacity,), -1, dtype=torch.long, device=k.device)
+
+    def held(self, cache: KVCache, last) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which slots hold a real token at column `last` (an int or a [1] tensor) or before, for each row
+        ([B, capacity] bool), and those tokens' positions ([B, capacity])."""
+        at = self.columns.clamp(min=0)
+        held = (self.columns >= 0) & (self.columns <= last) & cache.valid[:, at]
+        return held, cache.key_positions[:, at]
+
+    def prefill(self, cache: KVCache, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
+        """T new keys a row at columns [cache.start, cache.length): the queries attend over the ring as it was
+        (every slot is older than them) and the new keys, [B, K, capacity + T, C]; then the ring keeps the
+        last `capacity` new columns."""
+        start, end = cache.start, cache.length
+        T = end - start
+        old, old_positions = self.held(cache, start - 1)  # [B, capacity]
+        seen = torch.cat([old[:, None, None, :].expand(-1, 1, T, -1), cache.mask[..., start:end]], dim=-1)
+        key_positions = torch.cat([old_positions, cache.positions], dim=1)  # [B, capacity + T]
+        mask = seen & rule_mask(rule, cache.positions, key_positions)[:, None]
+        keys, values = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
+        kept = min(T, self.capacity)
+        columns = torch.arange(end - kept, end, device=k.device)
+        slots = columns % self.capacity
+        self.keys[:, :, slots] = k[:, :, T - kept :]
+        self.values[:, :, slots] = v[:, :, T - kept :]
+        self.columns[slots] = columns
+        return keys, values, mask
+
+    def step(self, rows: StepRows, k: torch.Tensor, v: torch.Tensor, rule: MaskRule):
+        """One new key a row at the cache's `column` (a tensor: compiled steps see no Python count): written
+        to its slot first, then the ring is read whole, at the same width every step."""
+        column = rows.cache.column
+        slot = column % self.capacity
+        self.keys.index_copy_(2, slot, k)
+        self.values.index_copy_(2, slot, v)
+        self.columns.index_copy_(0, slot, column)
+        held, positions = self.held(rows.cache, column)
+        mask = held[:, None, None, :] & rule_mask(rule, rows.positions, positions)[:, None]  # [B, 1, 1, capacity]
+        return self.keys, self.values, mask
+
+    def holds_window_before(self, length: int) -> bool:
+        """Whether the ring still holds the columns a query at column `length` may see before itself."""
+        needed = torch.arange(max(0, length - self.span + 1), length, device=self.columns.device)
+        return bool((self.columns[needed % self.capacity] == needed).all())
 
 
 class SlotCache:

@@ -3,8 +3,22 @@
 A rule is a function of query and key positions (integer tensors that broadcast against each other) that
 returns True where the query may attend. Every rule is applied within the causal mask, so a model stays a
 left-to-right language model whatever the rule says, and its KV cache stays valid; and a query always
-sees itself. `model.mask` names one
-rule per layer (a list cycles over the layers); `model.window` sizes the built-in ones.
+sees itself. `model.mask` names one rule per layer (a list cycles over the layers: ["window", "window",
+"window", "causal"] is Gemma's three local layers to one global); `model.window` sizes the built-in ones.
+
+Your own rule is `--model.mask=package.module:function`, importable where the model is built (training,
+sampling, serving, evaluating), with this signature:
+
+    def function(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # q, k: integer positions (a token's index among its row's real tokens, from 0), shaped to
+        # broadcast against each other (e.g. [T, 1] and [1, T], or [B, T, 1] and [B, 1, T_keys]).
+        # Returns a bool tensor of their broadcast shape: True where query q may see key k.
+        return (k == 0) | (q - k < 4)  # an attention sink (the first token) and a window of 4
+
+It is only asked about k <= q (later keys are hidden whatever it says), a query sees itself even where it
+says no, and it must be built from tensor operations (no .item(), no Python `if` on values): it runs
+inside training and compiled decode steps. A user function has no span, so the KV cache keeps every
+position of its layers; `window` layers keep only the window (model/cache.py's Ring).
 """
 
 from __future__ import annotations
@@ -73,6 +87,17 @@ def user_function(name: str) -> MaskFunction:
         ) from None
     if not callable(function):
         raise GptlabError(f"model.mask {name!r} is not a function", "point it at a function of (q_pos, k_pos)")
+    # asked once here, so that a wrong function fails as the model is built, not deep inside attention
+    q, k = torch.arange(4)[:, None], torch.arange(4)[None, :]
+    try:
+        allowed = function(q, k)
+    except Exception as e:  # any error of the user's code
+        raise GptlabError(f"model.mask {name!r} failed on positions ({type(e).__name__}: {e})",
+                          "it is called with two integer tensors that broadcast, query and key positions") from None
+    if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or allowed.shape != (4, 4):
+        got = f"{allowed.dtype} {tuple(allowed.shape)}" if isinstance(allowed, torch.Tensor) else type(allowed).__name__
+        raise GptlabError(f"model.mask {name!r} returned {got} for query positions [4, 1] and key positions [1, 4]",
+                          "return a bool tensor of their broadcast shape ([4, 4]): True where q may see k")
     return function
 
 
