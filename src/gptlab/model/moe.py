@@ -43,6 +43,8 @@ class ExpertWeights(nn.Module):
 
 
 class MoE(nn.Module):
+    """[B, T, D] -> [B, T, D]: router, routed experts (model.mlp's kind, gated or plain), shared experts."""
+
     reads_context = True  # appends its losses to ctx.aux_losses
 
     def __init__(self, cfg, activation, gated: bool):
@@ -61,7 +63,8 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def mlp(self, x, fc, proj):
-        """x [..., n, D] through experts with weights fc [n or 1, F or 2F, D] and proj [n or 1, D, F]."""
+        """Tokens x [N, D] through one expert (fc [2F or F, D], proj [D, F]) -> [N, D]; or x [1, N, D] through a
+        stack of S of them (fc [S, 2F or F, D], proj [S, D, F]) -> [S, N, D]."""
         h = x @ fc.mT
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
