@@ -107,7 +107,7 @@ GROUPS = {"tokenizer": "train a tokenizer, encode and decode text",
           "data": "download corpora, prepare token shards, inspect them",
           "model": "inspect model architectures: parameters, FLOPs, memory",
           "bench": "measure what this machine can do (the peak that MFU is measured against)",
-          "import": "bring a Hugging Face model (GPT-2, Llama, Arcee) in as a gptlab run"}
+          "import": "bring a Hugging Face model (GPT-2, Llama, Arcee, Mixtral) in as a gptlab run"}
 
 
 def _parser(sub, command: str, help: str, examples: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -1014,9 +1014,9 @@ def _add_export_commands(sub) -> None:
         """,
         description="Write a folder that transformers' AutoModelForCausalLM / AutoTokenizer load with no custom code "
         "(LlamaForCausalLM for RMSNorm + RoPE + SwiGLU/GeGLU runs, ArceeForCausalLM for RMSNorm + RoPE + plain MLP runs, "
-        "GPT2LMHeadModel for LayerNorm + learned positions + GELU runs): config.json, model.safetensors, generation_config.json, tokenizer files and a model card. "
+        "GPT2LMHeadModel for LayerNorm + learned positions + GELU runs, MixtralForCausalLM for Llama-shaped runs with MoE for MLP): config.json, model.safetensors, generation_config.json, tokenizer files and a model card. "
         "--push-to-hub uploads it (token: HF_TOKEN or `hf auth login`); --gguf writes a float32 GGUF for "
-        "llama.cpp / Ollama (Llama-shaped runs). A config neither architecture expresses is refused.",
+        "llama.cpp / Ollama (Llama- and Mixtral-shaped runs). A config no architecture expresses is refused.",
     )
     p.add_argument("run", metavar="RUN", help="a run directory (its best checkpoint, see --checkpoint) or a checkpoint folder")
     p.add_argument("--to", nargs=2, metavar=("FORMAT", "DIR"), help="FORMAT hf: a transformers model folder DIR")
@@ -1031,7 +1031,7 @@ def _add_export_commands(sub) -> None:
     p = _parser(
         sub,
         "import hf",
-        "a local transformers GPT-2 / Llama / Arcee folder -> a gptlab run to sample, evaluate and train further",
+        "a local transformers GPT-2 / Llama / Arcee / Mixtral folder -> a gptlab run to sample, evaluate and train further",
         """
         gptlab import hf models/gpt2 --run runs/gpt2
         gptlab import hf exports/tiny --run runs/tiny-again

@@ -1,4 +1,4 @@
-"""gptlab GPT <-> the Hugging Face architectures it can become: Llama, Arcee and GPT-2.
+"""gptlab GPT <-> the Hugging Face architectures it can become: Llama, Arcee, GPT-2 and Mixtral.
 
 A family says which [model] configs it can express, writes the transformers
 config.json for one, and renames (and reshapes) the weights both ways:
@@ -18,6 +18,10 @@ config.json for one, and renames (and reshapes) the weights both ways:
 Arcee (ArceeForCausalLM, transformers >= 4.53) is Llama with an ungated MLP
 (up_proj -> activation -> down_proj): it carries gptlab's RMSNorm + RoPE runs
 with a plain relu/gelu/silu/relu2 MLP, the default [model] and the tiny-* presets.
+
+Mixtral (MixtralForCausalLM) is Llama with MoE parts for MLPs: blocks.i.moe.router is
+block_sparse_moe.gate, and expert e of blocks.i.moe.fc [E, gate;up, D] / proj [E, D, F] is
+block_sparse_moe.experts.e.w1 (gate), w3 (up) and w2 (down).
 
 gptlab's RoPE already rotates the two halves of each head (the layout
 transformers' Llama uses), so q/k need no permutation for Hugging Face; GGUF
@@ -151,16 +155,26 @@ class Llama(Family):
             for part, tensor in _linear_params(sd, g + "attn.qkv").items():
                 for name, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.split([q, kv, kv])):
                     out[f"{h}self_attn.{name}.{part}"] = piece
-            for part, tensor in _linear_params(sd, g + "mlp.fc").items():
-                out |= {f"{h}mlp.{name}.{part}": piece for name, piece in zip(self.mlp_in, tensor.chunk(len(self.mlp_in)))}
             out |= {f"{h}self_attn.o_proj.{p}": t for p, t in _linear_params(sd, g + "attn.proj").items()}
-            out |= {f"{h}mlp.down_proj.{p}": t for p, t in _linear_params(sd, g + "mlp.proj").items()}
+            out |= self.mlp_to_hf(sd, g, h, cfg)
             out[f"{h}input_layernorm.weight"] = _norm_params(sd, g + "norm1", cfg, False)["weight"]
             out[f"{h}post_attention_layernorm.weight"] = _norm_params(sd, g + "norm2", cfg, False)["weight"]
         out["model.norm.weight"] = _norm_params(sd, "norm_f", cfg, False)["weight"]
         if not cfg.tie_embeddings:
             out["lm_head.weight"] = sd["lm_head.weight"]
         return out
+
+    def mlp_to_hf(self, sd: StateDict, g: str, h: str, cfg: ModelConfig) -> StateDict:
+        """Block g's feed-forward weights under layer h's transformers names."""
+        out = {}
+        for part, tensor in _linear_params(sd, g + "mlp.fc").items():
+            out |= {f"{h}mlp.{name}.{part}": piece for name, piece in zip(self.mlp_in, tensor.chunk(len(self.mlp_in)))}
+        return out | {f"{h}mlp.down_proj.{p}": t for p, t in _linear_params(sd, g + "mlp.proj").items()}
+
+    def mlp_from_hf(self, take, g: str, h: str, cfg: ModelConfig) -> StateDict:
+        parts = ("weight", "bias") if cfg.bias else ("weight",)
+        out = {f"{g}mlp.fc.{p}": torch.cat([take(f"{h}mlp.{name}.{p}") for name in self.mlp_in]) for p in parts}
+        return out | {f"{g}mlp.proj.{p}": take(f"{h}mlp.down_proj.{p}") for p in parts}
 
     def config_from_hf(self, hf: dict) -> ModelConfig:
         src = "config.json"
@@ -199,8 +213,7 @@ class Llama(Family):
             for p in parts:
                 out[f"{g}attn.qkv.{p}"] = torch.cat([take(f"{h}self_attn.{n}_proj.{p}") for n in "qkv"])
                 out[f"{g}attn.proj.{p}"] = take(f"{h}self_attn.o_proj.{p}")
-                out[f"{g}mlp.fc.{p}"] = torch.cat([take(f"{h}mlp.{name}.{p}") for name in self.mlp_in])
-                out[f"{g}mlp.proj.{p}"] = take(f"{h}mlp.down_proj.{p}")
+            out |= self.mlp_from_hf(take, g, h, cfg)
             out[f"{g}norm1.weight"] = take(f"{h}input_layernorm.weight")
             out[f"{g}norm2.weight"] = take(f"{h}post_attention_layernorm.weight")
         out["norm_f.weight"] = take("model.norm.weight")
@@ -237,6 +250,66 @@ class Mistral(Llama):
         cfg = super().config_from_hf(hf)
         window = hf.get("sliding_window")  # null: every layer sees the whole context (Mistral 7B v0.2 onwards)
         return cfg if window is None else cfg.model_copy(update={"mask": "window", "window": window})
+
+
+# --------------------------------------------------------------------------- Mixtral
+
+
+class Mixtral(Llama):
+    """Llama with a mixture of experts in place of the MLP: "Norm->Attn->+->Norm->MoE->+" blocks.
+
+    transformers' checkpoint layout (what save_pretrained writes, in version 5 too, which fuses the experts
+    in memory only): block_sparse_moe.gate is the router, experts.E.w1 / w3 / w2 each expert's gate, up
+    and down. Its routing is gptlab's (softmax over all experts, top k, renormalised). gptlab's capacity
+    (moe_capacity) applies in training only, so a capped run computes as Mixtral does; shared experts have
+    no place in it.
+    """
+
+    name, architecture, model_type = "Mixtral", "MixtralForCausalLM", "mixtral"
+    allowed = {**Llama.allowed, "bias": (False,), "moe_shared": (0,)}
+    blocks = ("Norm->Attn->+->Norm->MoE->+",)
+
+    def hf_config(self, cfg: ModelConfig, token_ids: dict[str, int | None]) -> dict:
+        config = super().hf_config(cfg, token_ids)
+        for key in ("attention_bias", "mlp_bias", "pretraining_tp"):  # Llama's, not Mixtral's
+            del config[key]
+        return config | {
+            "intermediate_size": cfg.moe_d_ff or cfg.ff_dim,
+            "num_local_experts": cfg.moe_experts,
+            "num_experts_per_tok": cfg.moe_topk,
+            # transformers' balancing loss sums f_i over the k choices: k times gptlab's, so its weight is 1/k of ours
+            "router_aux_loss_coef": cfg.moe_aux_weight / cfg.moe_topk,
+            "output_router_logits": False,
+            "router_jitter_noise": 0.0,
+            "sliding_window": None,
+        }
+
+    def mlp_to_hf(self, sd: StateDict, g: str, h: str, cfg: ModelConfig) -> StateDict:
+        out = {f"{h}block_sparse_moe.gate.weight": sd[f"{g}moe.router.weight"]}
+        for e, (fc, proj) in enumerate(zip(sd[f"{g}moe.fc.weight"], sd[f"{g}moe.proj.weight"])):
+            gate, up = fc.chunk(2)
+            expert = f"{h}block_sparse_moe.experts.{e}."
+            out |= {f"{expert}w1.weight": gate, f"{expert}w3.weight": up, f"{expert}w2.weight": proj}
+        return out
+
+    def mlp_from_hf(self, take, g: str, h: str, cfg: ModelConfig) -> StateDict:
+        expert = f"{h}block_sparse_moe.experts.{{}}.{{}}.weight"
+        return {
+            f"{g}moe.router.weight": take(f"{h}block_sparse_moe.gate.weight"),
+            f"{g}moe.fc.weight": torch.stack([torch.cat([take(expert.format(e, "w1")), take(expert.format(e, "w3"))])
+                                              for e in range(cfg.moe_experts)]),
+            f"{g}moe.proj.weight": torch.stack([take(expert.format(e, "w2")) for e in range(cfg.moe_experts)]),
+        }
+
+    def config_from_hf(self, hf: dict) -> ModelConfig:
+        src = "config.json"
+        if hf.get("sliding_window") is not None:
+            raise GptlabError(f"sliding_window={hf['sliding_window']} (attention over the last tokens only) is not "
+                              "imported by gptlab's Mixtral", "import a Mixtral with sliding_window null")
+        llama = super().config_from_hf(hf).model_dump()
+        topk = _require(hf, "num_experts_per_tok", src)
+        return ModelConfig(**{**llama, "block": self.blocks[0], "moe_experts": _require(hf, "num_local_experts", src),
+                              "moe_topk": topk, "moe_aux_weight": hf.get("router_aux_loss_coef", 0.001) * topk})
 
 
 # --------------------------------------------------------------------------- GPT-2
@@ -344,7 +417,7 @@ def _taker(hf_sd: StateDict) -> Callable[[str], torch.Tensor]:
 # --------------------------------------------------------------------------- choosing
 
 
-FAMILIES: list[Family] = [Llama(), Arcee(), Mistral(), GPT2()]
+FAMILIES: list[Family] = [Llama(), Arcee(), Mistral(), GPT2(), Mixtral()]
 BY_ARCHITECTURE: dict[str, Family] = {f.architecture: f for f in FAMILIES}
 
 
@@ -354,18 +427,24 @@ def family_for(cfg: ModelConfig) -> Family:
     for family, found in blockers.items():
         if not found:
             return family
-    # Name an option every family refuses if there is one, else the closest family's first obstacle.
-    shared = [b for b in blockers[FAMILIES[0]] if all(b in found for found in blockers.values())]
+    # Name an option every family refuses if there is one (a block's foreign parts differ by family: the
+    # first family's words), else the first obstacle of the closest family, one that has the block's layout
+    # if any does (a MoE run: Mixtral).
+    def key(blocker: str) -> str:
+        return blocker.split("=")[0]
+
+    shared = [b for b in blockers[FAMILIES[0]] if all(key(b) in map(key, found) for found in blockers.values())]
     names = [f.name for f in FAMILIES]
     if shared:
         problem = f"{shared[0]} cannot be expressed by {', '.join(names[:-1])} or {names[-1]}"
     else:
-        closest = min(FAMILIES, key=lambda f: len(blockers[f]))
+        closest = min(FAMILIES, key=lambda f: (key(blockers[f][0]) == "model.block", len(blockers[f])))
         problem = f"{blockers[closest][0]} cannot be expressed by {closest.name}, the closest of {', '.join(names[:-1])} and {names[-1]}"
     raise GptlabError(
         problem,
         "export runs shaped like Llama (rmsnorm, pre-norm, rope, swiglu/geglu), Arcee (the same with a "
-        "relu/gelu/silu/relu2 MLP) or GPT-2 (layernorm, pre-norm, learned positions, gelu, one K/V head per query head)",
+        "relu/gelu/silu/relu2 MLP), Mistral (Llama's shape with model.mask=window), GPT-2 (layernorm, pre-norm, "
+        "learned positions, gelu, one K/V head per query head) or Mixtral (Llama's shape with MoE for MLP: block \"Norm->Attn->+->Norm->MoE->+\", no shared experts, no bias)",
     )
 
 

@@ -2,13 +2,13 @@
 
 Export writes a folder transformers loads with no custom code:
 
-    DIR/config.json              LlamaForCausalLM, ArceeForCausalLM or GPT2LMHeadModel (families.py picks the one that fits)
+    DIR/config.json              LlamaForCausalLM, ArceeForCausalLM, GPT2LMHeadModel or MixtralForCausalLM (families.py picks)
     DIR/model.safetensors        the weights under transformers' names (a tied output matrix stored once)
     DIR/generation_config.json   start/end/pad ids (a chat run's <|end|> among the end ids) and the run's [sample] settings
     DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json   (a chat run's: with its chat_template)
     DIR/README.md                the model card
 
-Import reads such a folder (GPT-2, Llama or Arcee; built by transformers' save_pretrained or
+Import reads such a folder (GPT-2, Llama, Arcee or Mixtral; built by transformers' save_pretrained or
 exported by gptlab) into a run directory that `gptlab sample`, `gptlab eval` and
 `train.init_from` use like any trained run:
 

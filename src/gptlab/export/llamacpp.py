@@ -2,7 +2,8 @@
 
 Runs of RMSNorm, pre-norm and RoPE without biases, with an MLP one of llama.cpp's architectures
 computes around them: SwiGLU (`llama`) or relu2 (`arcee`, llama.cpp's src/models/arcee.cpp: up ->
-relu(x)^2 -> down). A GELU or other MLP has no such llama.cpp architecture (its GELU models, gpt2,
+relu(x)^2 -> down); a Mixtral-shaped run (MoE of SwiGLU experts) is `llama` with expert tensors
+(ffn_gate_inp, ffn_{gate,up,down}_exps, expert_count, expert_used_count), as llama.cpp runs Mixtral. A GELU or other MLP has no such llama.cpp architecture (its GELU models, gpt2,
 starcoder2, phi2, gptneox, all use LayerNorm), so it is refused with the setting to train with.
 The tensors are the Hugging Face Llama/Arcee ones renamed by gguf's own name map (token_embd,
 blk.N.attn_q, ..., output_norm, output) and, as llama.cpp's
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from gptlab.errors import GptlabError
-from gptlab.export.families import Llama, family_for
+from gptlab.export.families import Llama, Mixtral, family_for
 from gptlab.export.hf import hf_state_dict, load_for_export
 from gptlab.export.hf_tokenizer import chat_end_id, special_token_ids
 from gptlab.generate import start_id
@@ -77,6 +78,17 @@ def check_gguf_exportable(cfg, tokenizer) -> str:
     return ARCHITECTURES[cfg.mlp]
 
 
+def stack_experts(hf_tensors: dict[str, torch.Tensor], m) -> dict[str, torch.Tensor]:
+    """Mixtral's experts.E.w1/w2/w3 of each layer as one [experts, out, in] tensor each, under the merged names
+    gguf maps to ffn_gate_exps / ffn_down_exps / ffn_up_exps (what convert_hf_to_gguf.py does)."""
+    out = {name: t for name, t in hf_tensors.items() if ".experts." not in name}
+    for i in range(m.n_layer):
+        for w in ("w1", "w2", "w3"):
+            out[f"model.layers.{i}.block_sparse_moe.experts.{w}.weight"] = torch.stack(
+                [hf_tensors[f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"] for e in range(m.moe_experts)])
+    return out
+
+
 def _vocabulary(tokenizer) -> tuple[list[str], list[int], list[str]]:
     """(token strings by id, their GGUF token types, merges "a b") of a byte-level BPE tokenizer."""
     gguf = _gguf()
@@ -101,7 +113,11 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
 
     names = gguf.get_tensor_name_map(arch, m.n_layer)
     tensors = {}
-    for hf_name, tensor in hf_state_dict(model, family_for(m)).items():
+    family = family_for(m)
+    hf_tensors = hf_state_dict(model, family)
+    if isinstance(family, Mixtral):
+        hf_tensors = stack_experts(hf_tensors, m)
+    for hf_name, tensor in hf_tensors.items():
         if ".q_proj." in hf_name:
             tensor = permute_for_llamacpp(tensor, m.n_head)
         elif ".k_proj." in hf_name:
@@ -125,7 +141,12 @@ def export_gguf(run: str | Path, path: str | Path, *, which: str = "best", force
         writer.add_context_length(m.context_length)
         writer.add_embedding_length(m.d_model)
         writer.add_block_count(m.n_layer)
-        writer.add_feed_forward_length(m.ff_dim)
+        if isinstance(family, Mixtral):  # llama.cpp's llama architecture with expert tensors (as its converter writes Mixtral)
+            writer.add_feed_forward_length(m.moe_d_ff or m.ff_dim)
+            writer.add_expert_count(m.moe_experts)
+            writer.add_expert_used_count(m.moe_topk)
+        else:
+            writer.add_feed_forward_length(m.ff_dim)
         writer.add_head_count(m.n_head)
         writer.add_head_count_kv(m.kv_heads)
         writer.add_rope_dimension_count(m.head_dim)

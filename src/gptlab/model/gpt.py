@@ -529,16 +529,21 @@ class GPT(nn.Module):
 
     def fused_matrices(self) -> dict[nn.Parameter, tuple[int, ...]]:
         """Weights that stack several matrices by rows -> their row counts: Q, K and V of every attention, gate
-        and up of every gated MLP (Muon orthogonalises them one by one)."""
-        stacked = {Attention: "qkv", CrossAttention: "kv", GatedMLP: "fc"}  # the weight that holds the matrices
-        return {getattr(m, stacked[type(m)]).weight: m.split for m in self.modules() if type(m) in stacked}
+        and up of every gated MLP and of each expert of a gated MoE (Muon orthogonalises them one by one)."""
+        stacked = {Attention: "qkv", CrossAttention: "kv", GatedMLP: "fc", MoE: "fc"}  # the weight that holds the matrices
+        matrices = {getattr(m, stacked[type(m)]).weight: m.split for m in self.modules() if type(m) in stacked}
+        matrices |= {m.shared_fc.weight: m.split for m in self.modules() if isinstance(m, MoE) and hasattr(m, "shared_fc")}
+        return matrices
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward (PaLM appendix B; nanoGPT's estimate_mfu):
         6 per weight of every matmul (the output head included, tied or not) + 12 * n_layer * H * C * T for
-        attention scores and their weighted sum over a full context."""
+        attention scores and their weighted sum over a full context. A MoE part counts only the weights a token
+        goes through: its router, its shared experts and moe_topk of its moe_experts routed ones."""
         cfg = self.cfg
-        matmul_weights = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.d_model
+        idle_experts = sum((1 - m.topk / m.n_experts) * (m.fc.weight.numel() + m.proj.weight.numel())
+                           for m in self.modules() if isinstance(m, MoE))
+        matmul_weights = self.num_params(non_embedding=True) - idle_experts + cfg.vocab_size * cfg.d_model
         attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length
         return float(6 * matmul_weights + attention)
 

@@ -22,29 +22,31 @@ from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_bytes, atomic_write_text
 
 COLUMNS = ["step", "tokens", "loss", "val_loss", "val_bpb", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed"]
+AUX_COLUMN = "aux_loss"  # a model with MoE parts: the part of `loss` that is their balancing losses
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resume_step: int | None, backends: list[str], config: dict):
-        self.path = run_dir / "metrics.csv"
+    def __init__(self, run_dir: Path, resume_step: int | None, backends: list[str], config: dict,
+                 columns: list[str] = COLUMNS):
+        self.path, self.columns = run_dir / "metrics.csv", columns
         self.rows: list[dict] = []
         if resume_step is not None and self.path.is_file():
             with self.path.open(newline="", encoding="utf-8") as f:
                 self.rows = [r for r in csv.DictReader(f) if r.get("elapsed") and int(r["step"]) <= resume_step]
         self._rewrite()
         self.file = self.path.open("a", newline="", encoding="utf-8")
-        self.writer = csv.DictWriter(self.file, COLUMNS)
+        self.writer = csv.DictWriter(self.file, self.columns)
         self.extra = [_BACKENDS[name](run_dir, config) for name in backends if name != "csv"]
 
     def _rewrite(self) -> None:
         out = io.StringIO()
-        writer = csv.DictWriter(out, COLUMNS)
+        writer = csv.DictWriter(out, self.columns)
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.path, out.getvalue())
 
     def log(self, row: dict) -> None:
-        row = {k: _fmt(row.get(k)) for k in COLUMNS}
+        row = {k: _fmt(row.get(k)) for k in self.columns}
         self.rows.append(row)
         self.writer.writerow(row)
         self.file.flush()
@@ -98,11 +100,14 @@ class Interval:
                  reduce: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss):
         self.loss = torch.zeros((), device=device)
         self.grad_norm = torch.zeros((), device=device)
+        self.aux_loss = None  # the auxiliary losses' part of the loss, for a model that has them
         self.steps, self.tokens, self.elapsed, self.lr = 0, tokens, elapsed, None
         self.watch_grad_norm, self.reduce = watch_grad_norm, reduce  # reduce: the mean over the processes
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, aux_loss: torch.Tensor | None = None) -> None:
         self.loss += loss
+        if aux_loss is not None:
+            self.aux_loss = aux_loss if self.aux_loss is None else self.aux_loss + aux_loss
         self.grad_norm += grad_norm
         self.steps += 1
         self.lr = lr
@@ -121,8 +126,11 @@ class Interval:
     def row(self, step: int, tokens: int, elapsed: float, flops_per_token: float, peak: float) -> dict:
         loss, norm = self.check(step)
         tok_s = (tokens - self.tokens) / max(elapsed - self.elapsed, 1e-9)
-        return {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr, "grad_norm": norm,
-                "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak, "elapsed": elapsed}
+        row = {"step": step, "tokens": tokens, "loss": loss, "lr": self.lr, "grad_norm": norm,
+               "tokens_per_s": tok_s, "mfu": tok_s * flops_per_token / peak, "elapsed": elapsed}
+        if self.aux_loss is not None:  # the mean over the processes, as the loss
+            row[AUX_COLUMN] = (self.reduce(self.aux_loss.clone()) / max(self.steps, 1)).item()
+        return row
 
 
 class MemoryRows:

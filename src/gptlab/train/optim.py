@@ -20,7 +20,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     scaled to AdamW's RMS, so train.lr and train.weight_decay mean the same for both.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() == 2 and n.startswith("blocks.")]
+    # a MoE's experts are [experts, out, in] stacks of matrices: Muon orthogonalises each expert's update on its
+    # own (as Moonlight and Kimi K2 train their experts), not AdamW's per-weight steps, nor the stack as one
+    # matrix, which would tie the experts' updates together
+    muon = [p for n, p in named if cfg.optimizer == "muon" and p.dim() in (2, 3) and n.startswith("blocks.")]
     chosen = {id(p) for p in muon}
     rest = [p for _, p in named if id(p) not in chosen]
     groups = [
@@ -57,7 +60,11 @@ class Muon(torch.optim.Muon):
     """
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, blocks: dict | None = None, **kwargs):
-        super().__init__(params, **kwargs)
+        params = list(params)
+        # PyTorch's Muon refuses anything but 2-D weights; stacks of experts (3-D) join the group after its check
+        # (a MoE part always brings a 2-D router, so the group is never empty)
+        super().__init__([p for p in params if p.dim() == 2], **kwargs)
+        self.param_groups[0]["params"] += [p for p in params if p.dim() == 3]
         self.ns_dtype = ns_dtype
         self.blocks = blocks or {}
 
@@ -74,11 +81,14 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                rows = self.blocks.get(p, (p.size(0),))
-                for block, block_update in zip(p.split(rows), update.split(rows)):
-                    orthogonal = _orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"],
-                                                group["eps"], self.ns_dtype)
-                    block.add_(orthogonal.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(block.shape)))
+                rows = self.blocks.get(p, (p.size(-2),))
+                # a stack of experts [E, out, in]: each expert's matrix on its own
+                matrices = zip(p.unbind(0), update.unbind(0)) if p.dim() == 3 else [(p, update)]
+                for matrix, matrix_update in matrices:
+                    for block, block_update in zip(matrix.split(rows), matrix_update.split(rows)):
+                        orthogonal = _orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"],
+                                                    group["eps"], self.ns_dtype)
+                        block.add_(orthogonal.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(block.shape)))
 
 
 def _orthogonalize(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:

@@ -29,6 +29,9 @@ class TrainStep:
 
     `targets` (conversations, whose batches hold different numbers of targets): the micro-batches are
     weighed so that the step's loss is the mean over all the global batch's targets (GlobalTargets).
+
+    A model with auxiliary losses (MoE's load balancing and router z-loss) has them in its loss; their part
+    of the step's loss is kept in `aux_loss` (the mean over the micro-steps; None for a model without).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -40,12 +43,15 @@ class TrainStep:
         self.grad_clip = grad_clip or math.inf  # inf: only measure the norm
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.gpt = getattr(model, "module", model)  # under DDP: the GPT, which keeps its aux_loss
+        self.aux_loss: torch.Tensor | None = None
 
     def __call__(self, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, lr: float):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         no_sync = getattr(self.model, "no_sync", None)  # DDP
+        self.aux_loss = None
         batches = [next_batch() for _ in range(grad_accum)]
         weights = self.targets.weights([y for _, y in batches]) if self.targets else None
         for i, (x, y) in enumerate(batches):
@@ -61,6 +67,9 @@ class TrainStep:
                 with record_function("backward"):
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+            aux = getattr(self.gpt, "aux_loss", None)  # set by this micro-step's forward (training mode)
+            if aux is not None:
+                self.aux_loss = aux / grad_accum if self.aux_loss is None else self.aux_loss + aux / grad_accum
         with record_function("clip"):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)

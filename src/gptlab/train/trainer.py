@@ -4,6 +4,7 @@
         config.toml        the resolved config (model.vocab_size filled in)
         tokenizer.json     the tokenizer the shards were made with
         metrics.csv        step, tokens, loss, val_loss, val_bpb, lr, grad_norm, tokens_per_s, mfu, elapsed
+                           (+ aux_loss with MoE parts: the part of the loss that is their balancing losses)
         loss.png, lr.png   redrawn at every evaluation
         samples.md         a sample every train.sample_every steps
         summary.json       written when the run ends (why it stopped, final losses, versions)
@@ -53,6 +54,8 @@ from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed, preflight
 from gptlab.train.clock import RunClock
 from gptlab.train.metrics import (
+    AUX_COLUMN,
+    COLUMNS,
     Diverged,
     Interval,
     MemoryRows,
@@ -195,7 +198,9 @@ class Trainer:
             make_dirs(self.run_dir)
             runs.save_run_config(cfg, self.run_dir)
             self.tokenizer.save(self.run_dir / "tokenizer.json")
-            self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg))
+            has_moe = any("MoE" in branch for branch in cfg.model.layout)  # its balancing losses get a column
+            self.metrics = MetricsLog(self.run_dir, self.step if resume_from else None, t.log, config_to_dict(cfg),
+                                      COLUMNS + [AUX_COLUMN] if has_moe else COLUMNS)
         else:
             self.metrics = MemoryRows()
         self.signals = StopSignals(relayed=distributed.launched_by_torchrun())
@@ -235,7 +240,8 @@ class Trainer:
                     if stopped:
                         break
                     lr = learning_rate(t, self.step, self._progress(elapsed))
-                    interval.add(*self.train_step(self.loader.next_batch, t.grad_accum, lr), lr)
+                    loss, grad_norm = self.train_step(self.loader.next_batch, t.grad_accum, lr)
+                    interval.add(loss, grad_norm, lr, self.train_step.aux_loss)  # loss includes aux_loss
                     self.step += 1
                     self.tokens += self.tokens_per_step
                     bar.update(int(clock.elapsed()) - bar.n if self._bar_in_seconds else 1)
