@@ -36,6 +36,13 @@ def batch(B=2, T=16, V=64, seed=1):
         {"norm": "rmsnorm", "norm_affine": False, "position": "none", "mlp": "geglu", "n_kv_head": 2, "qk_norm": True},
         {"mlp": "relu2", "tie_embeddings": False, "init": "pytorch", "dropout": 0.1},
         {"mlp": "silu", "init": "trunc_normal", "head_size": 16, "n_head": 4, "d_model": 40},
+        # written blocks (model/blocks.py) with the parts beyond attention and MLP
+        {"block": "Norm->Attn->+->Norm->KAN->+"},
+        {"block": "Attn->+->Norm->=->KAN->+->Norm->=", "norm": "layernorm"},
+        {"block": ["Norm->Attn->+", "Norm->KAN->+"]},
+        {"block": "Norm->Attn->+->Norm->MoE->+", "moe_experts": 4, "moe_topk": 2, "mlp": "swiglu"},
+        {"block": ["Norm->Attn->+->Norm->MLP->+", "Norm->MoE->+"], "moe_experts": 2, "moe_topk": 1, "moe_shared": 1},
+        {"mask": ["window", "causal"], "window": 4},
     ],
 )
 def test_every_part_builds_and_learns(parts):

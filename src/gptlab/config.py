@@ -266,7 +266,7 @@ class ModelConfig(Section):
     moe_d_ff: int | None = Field(None, ge=1)
     """MoE parts: each expert's hidden width; none: d_ff"""
     moe_capacity: float | None = Field(None, gt=0)
-    """MoE parts: an expert takes at most capacity x tokens x topk / experts tokens a batch, the rest skip it (Switch Transformer); none: dropless, every routed token is computed"""
+    """MoE parts, in training: an expert takes at most capacity x tokens x topk / experts tokens a batch, the rest skip it (Switch Transformer); none: dropless, every routed token is computed (evaluation and generation always are)"""
     moe_aux_weight: float = Field(0.01, ge=0)
     """MoE parts: weight of the load-balancing loss (Switch Transformer) added to the training loss"""
     moe_z_weight: float = Field(0.001, ge=0)

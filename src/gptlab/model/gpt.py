@@ -535,17 +535,20 @@ class GPT(nn.Module):
         matrices |= {m.shared_fc.weight: m.split for m in self.modules() if isinstance(m, MoE) and hasattr(m, "shared_fc")}
         return matrices
 
+    def idle_parameters(self) -> int:
+        """Weights a token does not go through: the routed experts of each MoE part beyond its moe_topk."""
+        return round(sum((1 - m.topk / m.n_experts) * (m.fc.weight.numel() + m.proj.weight.numel())
+                         for m in self.modules() if isinstance(m, MoE)))
+
     def flops_per_token(self) -> float:
         """Training FLOPs per token, forward + backward (PaLM appendix B; nanoGPT's estimate_mfu):
-        6 per weight of every matmul (the output head included, tied or not) + 12 * n_layer * H * C * T for
-        attention scores and their weighted sum over a full context. A MoE part counts only the weights a token
-        goes through: its router, its shared experts and moe_topk of its moe_experts routed ones."""
+        6 per weight of every matmul a token goes through (the output head included, tied or not; of a MoE
+        part, its router, shared experts and moe_topk routed ones) + 12 * H * C * the keys each self-attention
+        reads (the full context, or a window's span) for attention scores and their weighted sum."""
         cfg = self.cfg
-        idle_experts = sum((1 - m.topk / m.n_experts) * (m.fc.weight.numel() + m.proj.weight.numel())
-                           for m in self.modules() if isinstance(m, MoE))
-        matmul_weights = self.num_params(non_embedding=True) - idle_experts + cfg.vocab_size * cfg.d_model
-        attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * cfg.context_length
-        return float(6 * matmul_weights + attention)
+        matmul_weights = self.num_params(non_embedding=True) - self.idle_parameters() + cfg.vocab_size * cfg.d_model
+        keys = sum(min(m.rule.span or cfg.context_length, cfg.context_length) for m in self.modules() if type(m) is Attention)
+        return float(6 * matmul_weights + 12 * cfg.n_head * cfg.head_dim * keys)
 
     def load_weights(self, state_dict: dict, source: str = "checkpoint") -> None:
         """load_state_dict, but a checkpoint of another architecture is one GptlabError line, not a traceback."""

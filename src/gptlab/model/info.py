@@ -75,6 +75,7 @@ def model_info(cfg: ModelConfig, batch_size: int) -> dict:
         model = GPT(cfg)
     params = model.num_params()
     non_embedding = model.num_params(non_embedding=True)
+    active = params - model.idle_parameters()
     tokens = batch_size * cfg.context_length
     flops = model.flops_per_token()
     memory = {}
@@ -92,6 +93,7 @@ def model_info(cfg: ModelConfig, batch_size: int) -> dict:
         "parameters": params,
         "embedding_parameters": params - non_embedding,
         "non_embedding_parameters": non_embedding,
+        "active_parameters": active,  # a token goes through (less than all with MoE parts)
         "flops_per_token": flops,
         "batch_size": batch_size,
         "context_length": cfg.context_length,
@@ -104,10 +106,15 @@ def model_info(cfg: ModelConfig, batch_size: int) -> dict:
 def describe(cfg: ModelConfig) -> str:
     """One line naming the architecture's shape and parts."""
     kv = {cfg.n_head: "MHA", 1: "MQA"}.get(cfg.kv_heads, f"GQA {cfg.kv_heads} kv heads")
+    tokens = {token for branch in cfg.layout for token in branch}
+    masks = [cfg.mask] if isinstance(cfg.mask, str) else cfg.mask
+    mask = "" if masks == ["causal"] else f" mask {'/'.join(masks)}" + (f" {cfg.window}" if {"window", "strided"} & set(masks) else "") + ","
+    moe = (f" MoE {cfg.moe_experts} x {cfg.moe_d_ff or cfg.ff_dim} top-{cfg.moe_topk}"
+           + (f" + {cfg.moe_shared} shared" if cfg.moe_shared else "") + ",") if "MoE" in tokens else ""
     return (
-        f"{cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads x {cfg.head_dim} ({kv}), "
+        f"{cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads x {cfg.head_dim} ({kv}),{mask} "
         f"ctx {cfg.context_length}, vocab {cfg.vocab_size:,}; block {block_label(cfg.block)}; {cfg.norm}, "
-        f"{cfg.position} positions, {cfg.mlp} MLP {cfg.ff_dim}, "
+        f"{cfg.position} positions, {cfg.mlp} MLP {cfg.ff_dim},{moe} "
         f"{'bias' if cfg.bias else 'no bias'}, {'tied' if cfg.tie_embeddings else 'untied'} embeddings"
     )
 
@@ -119,7 +126,9 @@ def format_model_info(info: dict, title: str, cfg: ModelConfig) -> str:
         f"{title}: {describe(cfg)}",
         "",
         f"parameters          {_count(info['parameters']):>10}   "
-        f"(embedding {_count(info['embedding_parameters'])}, non-embedding {_count(info['non_embedding_parameters'])})",
+        f"(embedding {_count(info['embedding_parameters'])}, non-embedding {_count(info['non_embedding_parameters'])}"
+        + (f"; {_count(info['active_parameters'])} a token goes through" if info["active_parameters"] != info["parameters"] else "")
+        + ")",
         f"FLOPs per token     {_count(info['flops_per_token']):>10}   (training: forward + backward, 6N + attention)",
         f"FLOPs per step      {_count(info['flops_per_step']):>10}   "
         f"(batch {info['batch_size']} x {info['context_length']} = {info['tokens_per_step']:,} tokens)",
