@@ -26,6 +26,7 @@ EXPECTED = {
     "speedrun_cpu.toml": (0.5e6, 10e6),
     "speedrun_nanogpt_char.toml": (0.7e6, 1.4e6),  # 0.8M with its ~100 characters; counted here at 4,096
     "tinystories-chat.toml": (1.0e6, 1.5e6),  # the chat demonstration's base model (issue 13)
+    "ablation-blocks.toml": (1.0e6, 1.5e6),  # the block ablation's baseline (issue 15)
 }
 # Shrinks any recipe to seconds on a CPU: a 1-layer, 32-wide model, two steps, fp32, eager.
 SMALL = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.n_kv_head=1", "--model.head_size=16",

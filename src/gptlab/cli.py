@@ -362,8 +362,8 @@ def _add_model_commands(sub) -> None:
         """
         gptlab model parts
         gptlab model info tiny-1m --model.vocab_size=4096 --model.block="Norm->Attn->+->Norm->MoE->+"
-        gptlab train ... --model.block='["Norm->Attn->+->Norm->MLP->+", "Norm->MoE->+"]'   # Snowflake Arctic
-        gptlab train ... --model.mask='["window", "window", "causal"]' --model.window=64  # local/global
+        gptlab train -d data/stories -r runs/arctic --model.block='["Norm->Attn->+->Norm->MLP->+", "Norm->MoE->+"]'
+        gptlab train -d data/stories -r runs/local --model.mask='["window", "window", "causal"]' --model.window=64
         """,
         description="model.block writes a transformer block as parts joined by ->: each part maps the branch "
         "value, + adds the branch to the residual stream, = replaces the stream with it; a list of strings is "
