@@ -343,3 +343,17 @@ def test_a_window_run_exports_as_mistral_and_is_refused_as_gguf(make_export_run,
     assert main(["export", str(run), "--gguf", str(tmp_path / "model.gguf")]) == 2
     err = capsys.readouterr().err
     assert "model.mask=window" in err and len(err.strip().splitlines()) == 1
+
+
+def test_layers_with_the_same_mask_share_one_mask_a_training_pass(monkeypatch):
+    """Rules are equal by name, so Context.mask_for builds each rule's T x T mask once a pass, not once a layer."""
+    from gptlab.model import gpt
+
+    model = GPT(ModelConfig(vocab_size=50, n_layer=3, d_model=32, n_head=2, mask=["window", "causal", "window"], window=4))
+    rules = [block.attn.rule for block in model.blocks]
+    assert rules[0] == rules[2] and hash(rules[0]) == hash(rules[2]) and rules[0] != rules[1]
+    built = []
+    real = gpt.rule_mask
+    monkeypatch.setattr(gpt, "rule_mask", lambda *args: built.append(args[0]) or real(*args))
+    model(torch.randint(0, 50, (2, 10)))
+    assert len(built) == 1

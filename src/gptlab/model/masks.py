@@ -24,7 +24,7 @@ position of its layers; `window` layers keep only the window (model/cache.py's R
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -41,7 +41,9 @@ class MaskRule:
     older than the span."""
 
     name: str
-    allows: MaskFunction | None  # None: plain causal
+    # compared by name, not by function: each layer builds its own function object, and the rules of layers
+    # with the same name must be equal, so that a forward pass builds one mask for all of them (Context.mask_for)
+    allows: MaskFunction | None = field(compare=False)  # None: plain causal
     span: int | None = None
 
     @property
