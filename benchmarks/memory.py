@@ -161,6 +161,40 @@ def child(shape: str, precision: str, steps: int, threads: int, compile: bool) -
     }
 
 
+def tensors(shape: str, precision: str, steps: int, threads: int, compile: bool) -> dict:
+    """The live tensors' peak over building and --steps steps, by torch.profiler's categories (allocations
+    that PyTorch makes, kernels' scratch included; not malloc's kept free memory, nor code)."""
+    import torch
+    from torch.profiler import ProfilerActivity, _memory_profiler, profile
+
+    from gptlab.config import TrainConfig
+    from gptlab.model import build_model
+    from gptlab.train.optim import build_optimizer
+    from gptlab.train.step import TrainStep
+
+    torch.set_num_threads(threads)
+    cfg, batch = config(shape)
+    device = torch.device("cpu")
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        torch.manual_seed(0)
+        model = build_model(cfg, device).train()
+        optimizer = build_optimizer(model, TrainConfig(lr=1e-4), device)
+        step = TrainStep(model, optimizer, device, precision, compile=compile)
+        for _ in range(steps):
+            step(lambda: (x, y), 1, 1e-4)
+    timeline = _memory_profiler.MemoryProfileTimeline(prof._memory_profile())
+    times, sizes = timeline._coalesce_timeline("cpu")
+    names = ["unknown"] + [c.name.lower() if c else "unknown" for c in _memory_profiler._CATEGORY_TO_INDEX]
+    at = max(range(len(sizes)), key=lambda i: sum(sizes[i]))
+    parts = {}
+    for name, size in zip(names, sizes[at]):
+        parts[name] = parts.get(name, 0) + size
+    return {"shape": shape, "precision": precision, "peak": sum(sizes[at]), "parts": parts,
+            "at": (times[at] - times[0]) / (times[-1] - times[0])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
@@ -172,10 +206,13 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set in the rows' processes, e.g. MALLOC_MMAP_THRESHOLD_=65536 (glibc: every large "
                              "block mmapped and returned when freed, so that the resident set follows the live tensors)")
+    parser.add_argument("--tensors", action="store_true",
+                        help="per row, the live tensors' peak by category instead (torch.profiler, slow)")
     parser.add_argument("--child", nargs=2, metavar=("SHAPE", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.steps, args.threads, args.compile)))
+        run = tensors if args.tensors else child
+        print(json.dumps(run(*args.child, args.steps, args.threads, args.compile)))
         return
 
     import torch
@@ -190,6 +227,8 @@ def main() -> None:
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
     if args.env:
         print("env " + " ".join(args.env))
+    if args.tensors:
+        return tensor_rows(args, env)
     rows = []
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):
@@ -217,6 +256,21 @@ def main() -> None:
         worst = max((r["ratio"] for r in rows), key=lambda v: abs(v - 1))
         error = sum(abs(r["ratio"] - 1) for r in rows) / len(rows)
         print(f"RESULT worst_ratio={worst:.3f} mean_abs_error={error:.3f} rows={len(rows)} cpu={capability}")
+
+
+def tensor_rows(args, env) -> None:
+    print(f"{'shape':<16} {'prec':<5} {'tensor peak':>11}  parts at the peak (at: its place in the run, 0-1)")
+    for shape in args.shapes.split(","):
+        for precision in args.precisions.split(","):
+            out = subprocess.run([sys.executable, __file__, "--child", shape, precision, "--tensors", "--steps",
+                                  str(args.steps), "--threads", str(args.threads)] + (["--compile"] if args.compile else []),
+                                 capture_output=True, text=True, env=env)
+            if out.returncode:
+                print(f"{shape:<16} {precision:<5} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            parts = " ".join(f"{k} {v / MiB:.1f}" for k, v in r["parts"].items() if v)
+            print(f"{shape:<16} {precision:<5} {r['peak'] / MiB:>11.1f}  {parts} (at {r['at']:.2f})", flush=True)
 
 
 if __name__ == "__main__":
