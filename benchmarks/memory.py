@@ -221,9 +221,10 @@ def main() -> None:
     print(f"cpu {capability}, {args.threads} threads, torch {torch.__version__}; AdamW, {args.steps} steps, "
           f"{'compiled' if args.compile else 'eager'}; each row a fresh process; MiB")
     head = (f"{'shape':<16} {'params':>8} {'b x ctx':>9} {'prec':<5} {'weights':>8} {'grads':>7} {'optim':>7} "
-            f"{'activ':>7} {'pred':>7} {'measured':>8} {'ratio':>6}   {'built':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} "
+            f"{'activ':>7} {'loss':>6} {'rt+mal':>6} {'pred':>7} {'measured':>8} {'ratio':>6}   {'built':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} "
             f"{'malloc held/used':>16} {'s/step':>6}")
-    print(head)
+    if not args.tensors:
+        print(head)
     env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
     if args.env:
         print("env " + " ".join(args.env))
@@ -245,7 +246,7 @@ def main() -> None:
             r["ratio"] = p["total"] / r["peak"]
             print(f"{shape:<16} {r['parameters'] / 1e6:>7.2f}M {r['batch']:>3} x {r['context']:<4} {precision:<5} "
                   f"{p['weights'] / MiB:>8.1f} {p['gradients'] / MiB:>7.1f} {p['optimizer'] / MiB:>7.1f} "
-                  f"{p['activations'] / MiB:>7.1f} {p['total'] / MiB:>7.1f} {r['peak'] / MiB:>8.1f} {r['ratio']:>6.2f}   "
+                  f"{p['activations'] / MiB:>7.1f} {p.get('loss', 0) / MiB:>6.1f} {p.get('runtime', 0) / MiB:>6.1f} {p['total'] / MiB:>7.1f} {r['peak'] / MiB:>8.1f} {r['ratio']:>6.2f}   "
                   f"{r['built'] / MiB:>6.1f} {ph['forward'][1] / MiB:>6.1f} {ph['backward'][1] / MiB:>6.1f} "
                   f"{ph['optimizer'][1] / MiB:>6.1f} {r['malloc']['held'] / MiB:>8.0f}/{r['malloc']['used'] / MiB:<7.0f} "
                   f"{min(r['seconds']):>6.2f}", flush=True)
