@@ -86,17 +86,17 @@ def loss_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len:
     D, V = cfg.d_model, cfg.vocab_size
     c = min(FUSED_CHUNK, n)
     kept = n * D * 4 + V * D * 4
-    chunk = c * V * (4 + (2 if bytes_per_value == 2 else 0)) + V * D * 4
+    chunk = c * V * 4 + V * D * 4 + ((c * V + V * D) * 2 if bytes_per_value == 2 else 0)
     return kept, chunk
 
 
 # What a training process holds on a CPU beyond its tensors (benchmarks/MEMORY.md, 2 threads, glibc malloc):
-# the kernels' code and thread pools paged in by the first step (RUNTIME_BYTES: 15-27 MiB measured with
-# malloc returning every freed block), and the free memory glibc keeps in its heap once freed activations
-# have raised its mmap threshold (up to 32 MiB blocks come from the heap, which fragments and is not trimmed):
-# 0.22-0.52 of the activations' peak measured, MALLOC_KEEP the middle of it.
-RUNTIME_BYTES = 20 * 2**20
-MALLOC_KEEP = 0.4
+# the kernels' code and thread pools paged in by the first step (15-27 MiB measured with malloc returning
+# every freed block), and the free memory glibc keeps in its heap once freed activations have raised its
+# mmap threshold (blocks up to 32 MiB then come from the heap, which fragments and is not trimmed): 0.2-0.6
+# of the activations measured (0.85 at the smallest), run to run +-15% of the peak at the small shapes.
+RUNTIME_BYTES = 30 * 2**20
+MALLOC_KEEP = 0.35
 
 
 def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> dict:
@@ -138,7 +138,7 @@ def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> di
         # end of backward: the gradients, the embedding's dense gradient being added, the copies freed
         forward = parts["activations"] + parts["loss"]
         backward = parts["gradients"] + 4 * cfg.vocab_size * cfg.d_model - copies
-        parts["runtime"] = RUNTIME_BYTES + int(MALLOC_KEEP * (forward + copies))
+        parts["runtime"] = RUNTIME_BYTES + int(MALLOC_KEEP * parts["activations"])
         parts["total"] = parts["weights"] + parts["optimizer"] + max(forward, backward) + parts["runtime"]
         memory[precision] = parts
     return {
