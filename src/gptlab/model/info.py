@@ -94,9 +94,10 @@ def loss_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len:
 # the kernels' code and thread pools paged in by the first step (15-27 MiB measured with malloc returning
 # every freed block), and the free memory glibc keeps in its heap once freed activations have raised its
 # mmap threshold (blocks up to 32 MiB then come from the heap, which fragments and is not trimmed): 0.2-0.6
-# of the activations measured (0.85 at the smallest), run to run +-15% of the peak at the small shapes.
+# of the activations measured, about the same share of their fp32 size under bf16 autocast as in fp32 (so
+# counted on the fp32 size: 0.3); run to run it moves by up to 15% of the peak at the small shapes.
 RUNTIME_BYTES = 30 * 2**20
-MALLOC_KEEP = 0.35
+MALLOC_KEEP = 0.3
 
 
 def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> dict:
@@ -124,6 +125,7 @@ def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> di
     tokens = batch_size * cfg.context_length
     flops = model.flops_per_token()
     memory = {}
+    fp32_activations = activation_bytes(cfg, batch_size, 4, loss=loss)
     for precision, p in (("fp32", 4), ("bf16", 2)):
         copies = 2 * cast if p == 2 else 0
         kept, chunk = loss_bytes(cfg, batch_size, p) if loss == "fused" else (0, 0)
@@ -138,7 +140,7 @@ def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> di
         # end of backward: the gradients, the embedding's dense gradient being added, the copies freed
         forward = parts["activations"] + parts["loss"]
         backward = parts["gradients"] + 4 * cfg.vocab_size * cfg.d_model - copies
-        parts["runtime"] = RUNTIME_BYTES + int(MALLOC_KEEP * parts["activations"])
+        parts["runtime"] = RUNTIME_BYTES + int(MALLOC_KEEP * fp32_activations)
         parts["total"] = parts["weights"] + parts["optimizer"] + max(forward, backward) + parts["runtime"]
         memory[precision] = parts
     return {
