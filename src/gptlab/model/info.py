@@ -9,6 +9,10 @@ Recomputation in Large Transformer Models", sec. 4.1: s*b*h*(34 + 5*a*s/h)
 bytes for GPT-2 blocks in 16-bit), redone term by term for this model's parts
 (grouped K/V heads, gated MLPs, extra norms, fused attention that keeps no
 s*s matrix) and for 4-byte (fp32) or 2-byte (bf16 autocast) activations.
+The peak ("total") is a CPU training process's resident memory: the fused
+loss's buffers, gradients that never sit beside the activations, and what the
+runtime and malloc keep; benchmarks/memory.py measures it (benchmarks/MEMORY.md:
+within 12% on 20 rows from 0.5M to 124M parameters, 2 threads, glibc).
 """
 
 from __future__ import annotations
@@ -20,13 +24,17 @@ from gptlab.errors import GptlabError
 from gptlab.model.blocks import block_label
 
 
-def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None) -> int:
+def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None,
+                     loss: str = "plain") -> int:
     """Bytes of activations autograd keeps for backward in one step (an estimate, see the module docstring).
 
     bytes_per_value is 4 (fp32) or 2 (bf16 autocast) for matmul inputs and outputs; the residual stream, and
     so every norm on it, stays fp32 under autocast (the weights are fp32). A dropout keeps a mask of the
     activations' dtype (CPU); the fused attention drops values (a mask and the dropped copy, per token), the
     plain path drops probabilities and keeps the s x s matrices.
+
+    loss: the head's loss (model/loss.py). "plain" keeps the logits and their fp32 log-softmax; "fused" (the
+    CPU's) keeps neither: what it holds instead is loss_bytes'.
     """
     s, b, p = seq_len or cfg.context_length, batch_size, bytes_per_value
     h, f, V = cfg.d_model, cfg.ff_dim, cfg.vocab_size
@@ -60,34 +68,84 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
     per_layer = s * b * per_token + attention_matrix
 
     # outside the blocks: the final norm's fp32 input, the head's input, the logits (the caller holds them
-    # through backward) and the fp32 log-softmax of the loss
-    outside = s * b * (norm_copies * h * 4 + h * p + V * (p + 4) + h * p * dropout)
+    # through backward) and the fp32 log-softmax of the loss; the fused loss keeps none of the last three
+    head = h * p + V * (p + 4) if loss == "plain" else 0
+    outside = s * b * (norm_copies * h * 4 + head + h * p * dropout)
     return cfg.n_layer * per_layer + outside
 
 
-def model_info(cfg: ModelConfig, batch_size: int) -> dict:
-    """Parameters, training FLOPs per token, and training memory at `batch_size` sequences of context_length."""
+def loss_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None) -> tuple[int, int]:
+    """The fused loss's memory at the end of the forward pass (model/loss.py's LinearCrossEntropy): what it
+    keeps for backward, and the most its chunk loop holds besides.
+
+    It computes both input gradients in the forward pass and keeps them: grad_x [N, D] in the dtype of its
+    input (fp32: the final norm's output) and grad_w [V, D] fp32. A chunk of c rows holds its fp32 logits
+    [c, V] (exponentiated in place), under autocast also their bf16 matmul output or bf16 copy for the
+    gradient's matmuls, and the [V, D] product that is added to grad_w (or the weight's bf16 copy).
+    Measured on a CPU (benchmarks/MEMORY.md): within a few MiB of torch.profiler's live tensors.
+    """
+    from gptlab.model.loss import FUSED_CHUNK
+
+    n = batch_size * (seq_len or cfg.context_length)
+    D, V = cfg.d_model, cfg.vocab_size
+    c = min(FUSED_CHUNK, n)
+    kept = n * D * 4 + V * D * 4
+    chunk = c * V * 4 + V * D * 4 + ((c * V + V * D) * 2 if bytes_per_value == 2 else 0)
+    return kept, chunk
+
+
+# What a training process holds on a CPU beyond its tensors (benchmarks/MEMORY.md, 2 threads, glibc malloc):
+# the kernels' code and thread pools paged in by the first step (15-27 MiB measured with malloc returning
+# every freed block), and the free memory glibc keeps in its heap once freed activations have raised its
+# mmap threshold (blocks up to 32 MiB then come from the heap, which fragments and is not trimmed): 0.2-0.6
+# of the activations measured, about the same share of their fp32 size under bf16 autocast as in fp32 (so
+# counted on the fp32 size: 0.3); run to run it moves by up to 15% of the peak at the small shapes.
+RUNTIME_BYTES = 30 * 2**20
+MALLOC_KEEP = 0.3
+
+
+def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> dict:
+    """Parameters, training FLOPs per token, and training memory at `batch_size` sequences of context_length.
+
+    Memory is for a CPU (the fused loss unless `loss` says "plain") with AdamW and zero_grad(set_to_none):
+    the peak ("total") comes at the end of a forward pass after the first step (weights, AdamW's moments,
+    activations and the loss's buffers; no gradients yet) or at the end of backward (gradients instead of
+    activations), plus the runtime's and malloc's share (benchmarks/MEMORY.md measures it).
+    """
     if cfg.vocab_size is None:
         raise GptlabError("model.vocab_size is not set", "pass --model.vocab_size=N (the tokenizer's vocabulary size)")
     from gptlab.model.gpt import GPT
+    from gptlab.model.loss import loss_for
 
+    loss = loss or loss_for("cpu")
     with torch.device("meta"):  # shapes only: a 124M model costs no memory and no time
         model = GPT(cfg)
     params = model.num_params()
     non_embedding = model.num_params(non_embedding=True)
     active = params - model.idle_parameters()
+    # autocast keeps a bf16 copy of every weight a block's matmuls read, from the forward pass into backward
+    # (the head's is cast chunk by chunk, not kept)
+    cast = sum(p.numel() for p in model.blocks.parameters() if p.dim() >= 2)
     tokens = batch_size * cfg.context_length
     flops = model.flops_per_token()
     memory = {}
+    fp32_activations = activation_bytes(cfg, batch_size, 4, loss=loss)
     for precision, p in (("fp32", 4), ("bf16", 2)):
+        copies = 2 * cast if p == 2 else 0
+        kept, chunk = loss_bytes(cfg, batch_size, p) if loss == "fused" else (0, 0)
         parts = {
-            # fp32 weights; autocast also keeps a bf16 copy of each for the step (~ every parameter)
-            "weights": 4 * params + (2 * params if p == 2 else 0),
+            "weights": 4 * params + copies,
             "gradients": 4 * params,
             "optimizer": 8 * params,  # AdamW: two fp32 moments per weight
-            "activations": activation_bytes(cfg, batch_size, p),
+            "activations": activation_bytes(cfg, batch_size, p, loss=loss),
+            "loss": kept + chunk,
         }
-        parts["total"] = sum(parts.values())
+        # end of forward: activations and the loss's buffers, no gradients (set to None by the last step);
+        # end of backward: the gradients, the embedding's dense gradient being added, the copies freed
+        forward = parts["activations"] + parts["loss"]
+        backward = parts["gradients"] + 4 * cfg.vocab_size * cfg.d_model - copies
+        parts["runtime"] = RUNTIME_BYTES + int(MALLOC_KEEP * fp32_activations)
+        parts["total"] = parts["weights"] + parts["optimizer"] + max(forward, backward) + parts["runtime"]
         memory[precision] = parts
     return {
         "parameters": params,
@@ -99,6 +157,7 @@ def model_info(cfg: ModelConfig, batch_size: int) -> dict:
         "context_length": cfg.context_length,
         "tokens_per_step": tokens,
         "flops_per_step": flops * tokens,
+        "loss": loss,
         "memory_bytes": memory,
     }
 
@@ -140,7 +199,9 @@ def format_model_info(info: dict, title: str, cfg: ModelConfig) -> str:
         "gradients": "gradients (fp32)",
         "optimizer": "AdamW moments (2 x fp32)",
         "activations": "activations (estimate)",
-        "total": "total",
+        "loss": f"{info['loss']} loss buffers",
+        "runtime": "runtime + malloc kept",
+        "total": "total (peak RSS)",
     }
     for key, label in labels.items():
         rows.append(f"  {label:<26}{_bytes(mem['fp32'][key]):>11}{_bytes(mem['bf16'][key]):>15}")
