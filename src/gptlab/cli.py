@@ -39,7 +39,10 @@ class _Parser(argparse.ArgumentParser):
 ALIASES: dict[str, dict[str, str]] = {
     "tokenizer train": {"--data": "data.sources"},
     "data prepare": {"--data": "data.sources", "--val-data": "data.val_sources", "--out -o": "data.out_dir"},
-    "model info": {"--batch-size -b": "train.batch_size"},
+    "model info": {"--batch-size -b": "train.batch_size", "--precision": "train.precision", "--optimizer": "train.optimizer",
+                   "--grad-accum": "train.grad_accum", "--device": "train.device", "--nproc": "train.nproc",
+                   "--distributed": "train.distributed", "--compile": "train.compile=true",
+                   "--checkpointing": "train.checkpointing=true"},
     "train": {"--data-dir -d": "train.data_dir", "--run -r": "train.run_dir", "--nproc": "train.nproc",
               "--distributed": "train.distributed"},
     "sft": {"--run-dir --run -r": "train.run_dir", "--nproc": "train.nproc", "--lora-rank": "train.lora_rank",
@@ -342,14 +345,20 @@ def _add_model_commands(sub) -> None:
         "parameters, FLOPs per token and training memory of a preset or config",
         """
         gptlab model info gpt2-124m --batch-size 8
+        gptlab model info gpt2-124m --batch-size 8 --precision bf16 --optimizer muon --checkpointing
+        gptlab model info gpt2-124m --batch-size 64 --device cuda --nproc 8 --distributed fsdp
         gptlab model info tiny-4m --model.vocab_size=4096
         gptlab model info recipes/aurelius.toml
         gptlab model info defaultgpt-0.5m --model.block=sandwich
         gptlab model info list
         """,
         description="Parameters (embedding and non-embedding), training FLOPs per token and per step, and "
-        "memory for weights, gradients, AdamW state and activations (an estimate) in fp32 and bf16 autocast. "
-        "The vocabulary size, if the model does not fix it, is the [tokenizer] section's.",
+        "the memory one training process holds at its peak: weights, gradients, optimizer state, activations, "
+        "the loss's buffers and the runtime's share, for the setup the flags (or the config's [train]) give: "
+        "each process runs --batch-size / --nproc sequences at once, a step --batch-size x --grad-accum; fp32 and bf16 side by side unless "
+        "--precision picks one; on a CPU the resident set's peak (benchmarks/memory.py measures it: within "
+        "15%), on CUDA max_memory_allocated. The vocabulary size, if the model does not fix it, is the "
+        "[tokenizer] section's. `gptlab model fit` finds the batch or model that fits a memory budget.",
     )
     p.add_argument("model", metavar="PRESET|CONFIG|RUN", help="a preset name, a TOML config file, a run directory, "
                    "or `list` for the presets")
@@ -427,8 +436,13 @@ def _model_info(args) -> int:
     if args.model == "list":
         print("\n".join(MODEL_PRESETS))
         return 0
+    from gptlab.model.info import setup_for
+
     cfg, model_cfg = _model_config(args)
-    print(format_model_info(model_info(model_cfg, cfg.train.batch_size), model_cfg.preset or args.model, model_cfg))
+    setup = setup_for(cfg)
+    precisions = ("fp32", "bf16") if cfg.train.precision == "auto" else (setup.precision,)
+    info = model_info(model_cfg, cfg.train.batch_size * cfg.train.grad_accum, setup=setup, precisions=precisions)
+    print(format_model_info(info, model_cfg.preset or args.model, model_cfg))
     return 0
 
 

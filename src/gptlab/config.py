@@ -371,9 +371,9 @@ class TrainConfig(Section):
     distill_temperature: float = Field(1.0, gt=0)
     """T, the temperature both distributions are softened with for the distillation loss"""
     batch_size: int = Field(16, ge=1)
-    """sequences per optimizer step (over all processes and grad_accum micro-steps)"""
+    """sequences a micro-step trains on, over all processes (a step: batch_size x grad_accum)"""
     grad_accum: int = Field(1, ge=1)
-    """micro-steps each step's batch is split into (less memory, same result)"""
+    """micro-steps whose gradients one optimizer step adds up: a step of batch_size x grad_accum sequences in the memory of one micro-batch"""
     max_steps: int | None = Field(None, ge=1)
     """stop after this many steps; none: no step limit"""
     max_tokens: int | None = Field(None, ge=1)
@@ -410,6 +410,8 @@ class TrainConfig(Section):
     """autocast precision; auto: bf16 where the hardware runs it natively, fp16 on older GPUs, else fp32"""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile the model; auto: when the run is long enough to pay the compile time back"""
+    checkpointing: bool = False
+    """activation checkpointing: each block keeps only its input and runs again in backward (less memory, ~1/3 more compute)"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """where to train; auto: cuda, else mps, else cpu"""
     threads: int = Field(0, ge=0)

@@ -121,6 +121,51 @@ GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
 PEAK_SIZES = {"cpu": (256, 512, 1024, 2048), "cuda": (2048, 4096, 8192)}
 
 
+def peak_memory(device: torch.device) -> int:
+    """Bytes this process has held at most: on a GPU the tensors' peak (max_memory_allocated), elsewhere the
+    resident set's high-water mark (the whole process's, since it started)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS counts bytes, Linux KiB
+
+
+def free_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes a new training process can use now: a GPU's free memory, or the machine's available RAM
+    (MemAvailable: free plus what the kernel can reclaim)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str | int | float, what: str = "memory") -> int:
+    """'8GB', '2 GiB', '512MB', '1.5g', 4e9 -> bytes (GB = 10^9, GiB = 2^30; a bare number is bytes)."""
+    import re
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise GptlabError(f"{what} {text!r} is not an amount of memory", "write it like 8GB, 2GiB or 512MB")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if value <= 0:
+        raise GptlabError(f"{what} {text!r} is not a positive amount of memory", "write it like 8GB, 2GiB or 512MB")
+    return int(value * _UNITS[unit])
+
+
 def cache_dir() -> Path:
     """Where gptlab keeps per-machine measurements: $GPTLAB_CACHE_DIR, else ~/.cache/gptlab."""
     return Path(os.environ.get("GPTLAB_CACHE_DIR") or Path.home() / ".cache" / "gptlab")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 from gptlab.config import ModelConfig
@@ -447,6 +448,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight  # one matrix reads tokens in and writes them out
         INITS[cfg.init](self, cfg)
         self.loss = LOSSES[loss]  # the head's cross-entropy: plain (through the logits) or fused (model/loss.py)
+        # activation checkpointing (train.checkpointing): a block keeps only its input for backward and runs
+        # again there, trading a third more compute for the activations of all but one block
+        self.checkpointing = False
 
     def forward(self, idx, targets=None, cache: KVCache | None = None, valid=None, return_logits: bool = False,
                 memory=None):
@@ -470,8 +474,9 @@ class GPT(nn.Module):
             self.check_memory(memory, B)
             ctx.memory_rotation = self.positions.rotation(torch.arange(memory.size(1), device=idx.device)[None])
         x = self.drop(self.positions.add(self.tok_emb(idx), pos))  # [B, T, D]
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, ctx)
+            x = torch.utils.checkpoint.checkpoint(block, x, ctx, use_reentrant=False) if recompute else block(x, ctx)
         x = self.norm_f(x)
         if cache is not None:
             x = x[:, -1:]  # the next token is all generation needs

@@ -17,15 +17,21 @@ within 12% on 20 rows from 0.5M to 124M parameters, 2 threads, glibc).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
 import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
 from gptlab.model.blocks import block_label
 
+if TYPE_CHECKING:  # config.py imports the model package (its block check) before Config exists
+    from gptlab.config import Config
+
 
 def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None,
-                     loss: str = "plain") -> int:
+                     loss: str = "plain", checkpointing: bool = False) -> int:
     """Bytes of activations autograd keeps for backward in one step (an estimate, see the module docstring).
 
     bytes_per_value is 4 (fp32) or 2 (bf16 autocast) for matmul inputs and outputs; the residual stream, and
@@ -35,6 +41,8 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
 
     loss: the head's loss (model/loss.py). "plain" keeps the logits and their fp32 log-softmax; "fused" (the
     CPU's) keeps neither: what it holds instead is loss_bytes'.
+    checkpointing: activation checkpointing (train.checkpointing): every block keeps only its fp32 input, and
+    one block's activations exist at a time, while backward runs it again.
     """
     s, b, p = seq_len or cfg.context_length, batch_size, bytes_per_value
     h, f, V = cfg.d_model, cfg.ff_dim, cfg.vocab_size
@@ -71,6 +79,8 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
     # through backward) and the fp32 log-softmax of the loss; the fused loss keeps none of the last three
     head = h * p + V * (p + 4) if loss == "plain" else 0
     outside = s * b * (norm_copies * h * 4 + head + h * p * dropout)
+    if checkpointing:
+        return cfg.n_layer * s * b * h * 4 + per_layer + outside
     return cfg.n_layer * per_layer + outside
 
 
@@ -102,64 +112,166 @@ def loss_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len:
 # counted on the fp32 size: 0.3); run to run it moves by up to 15% of the peak at the small shapes.
 RUNTIME_BYTES = 30 * 2**20
 MALLOC_KEEP = 0.3
+# torch.compile on a CPU (benchmarks/MEMORY.md): dynamo's and inductor's modules and compiled code (~75 MiB),
+# and fewer activations kept (inductor fuses pointwise ops and recomputes cheap ones in backward: ~0.7x)
+COMPILE_BYTES = 75 * 2**20
+COMPILE_ACTIVATIONS = 0.75
+# On a GPU the peak counted is torch.cuda.max_memory_allocated: the CUDA context (~0.5 GiB) and the caching
+# allocator's free blocks come on top, so a fit leaves this much of the card unused.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+CUDA_FRAGMENTATION = 0.1
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None) -> dict:
-    """Parameters, training FLOPs per token, and training memory at `batch_size` sequences of context_length.
+@dataclass(frozen=True)
+class TrainingSetup:
+    """How a model is trained, as far as its memory goes (`gptlab model info --batch-size --precision ...`)."""
 
-    Memory is for a CPU (the fused loss unless `loss` says "plain") with AdamW and zero_grad(set_to_none):
-    the peak ("total") comes at the end of a forward pass after the first step (weights, AdamW's moments,
-    activations and the loss's buffers; no gradients yet) or at the end of backward (gradients instead of
-    activations), plus the runtime's and malloc's share (benchmarks/MEMORY.md measures it).
+    batch_size: int = 16
+    """sequences one process runs through the model at once (the micro-batch)"""
+    precision: str = "fp32"
+    """fp32, or bf16/fp16 autocast"""
+    optimizer: str = "adamw"
+    """adamw (two fp32 moments a weight) or muon (one momentum a block matrix, AdamW for the rest)"""
+    device: str = "cpu"
+    """cpu: the resident set's peak; cuda: max_memory_allocated (plus the context, reported apart)"""
+    compile: bool = False
+    checkpointing: bool = False
+    """activation checkpointing: blocks keep only their inputs, one block's activations at a time"""
+    grad_accum: int = 1
+    """micro-steps a step: from the second one on, gradients sit beside the activations"""
+    processes: int = 1
+    distributed: str = "ddp"
+    """ddp: a whole model, its gradients and optimizer in each process; fsdp: a 1/processes shard of them"""
+    loss: str | None = None
+    """the head's loss (model/loss.py); none: the device's (fused on a CPU, plain elsewhere)"""
+
+
+def setup_for(cfg: Config, device: str | None = None) -> TrainingSetup:
+    """The setup `gptlab train` would use for cfg: each process runs train.batch_size / nproc sequences at a
+    time; precision resolved for the device as training resolves it; compile=auto counts as eager (the
+    estimate measured; a compiled CPU run holds ~75 MiB more and fewer activations)."""
+    from gptlab.device import cpu_has_fast_bf16
+
+    t = cfg.train
+    device = device or ("cuda" if t.device == "auto" and torch.cuda.is_available() else "cpu" if t.device == "auto" else t.device)
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" or (device == "cpu" and cpu_has_fast_bf16()) else "fp32"
+    processes = t.nproc if t.nproc > 1 else 1
+    return TrainingSetup(batch_size=max(1, t.batch_size // processes), precision=precision,
+                         optimizer=t.optimizer, device=device, compile=t.compile is True,
+                         checkpointing=t.checkpointing, grad_accum=t.grad_accum, processes=processes,
+                         distributed=t.distributed if processes > 1 else "ddp")
+
+
+def memory_parts(cfg: ModelConfig, setup: TrainingSetup, model=None) -> dict[str, int]:
+    """Bytes one training process holds, by part, and its peak ("total"), for `setup`.
+
+    CPU, AdamW, eager, one process: the formula benchmarks/MEMORY.md measured (within 12% on 20 shapes). The
+    peak comes at the end of a forward pass after the first step (weights, optimizer state, activations and
+    the loss's buffers; no gradients, zero_grad sets them to None) or at the end of backward (gradients
+    instead of activations); with grad_accum > 1 the gradients are there through every later forward pass.
+    FSDP: weights, gradients and optimizer are 1/processes shards, plus the largest block gathered twice
+    (the one running and the next one prefetched) and the root's (embeddings, head) gathered all step.
+    """
+    from gptlab.model.loss import loss_for
+
+    if model is None:
+        from gptlab.model.gpt import GPT
+
+        with torch.device("meta"):  # shapes only: a 124M model costs no memory and no time
+            model = GPT(cfg)
+    params = model.num_params()
+    p = BYTES[setup.precision]
+    loss = setup.loss or loss_for(setup.device)
+    b = setup.batch_size
+    # autocast keeps a bf16 copy of every weight a block's matmuls read, from the forward pass into backward
+    # (the head's is cast chunk by chunk, not kept)
+    cast = sum(w.numel() for w in model.blocks.parameters() if w.dim() >= 2)
+    copies = 2 * cast if p == 2 else 0
+    muon = sum(w.numel() for w in model.blocks.parameters() if w.dim() in (2, 3)) if setup.optimizer == "muon" else 0
+    optimizer = 8 * (params - muon) + 4 * muon  # AdamW: two fp32 moments; Muon: one momentum buffer
+    weights, gradients = 4 * params, 4 * params
+    if setup.distributed == "fsdp" and setup.processes > 1:
+        n = setup.processes
+        block = max(sum(w.numel() for w in blk.parameters()) for blk in model.blocks)
+        root = params - sum(w.numel() for w in model.blocks.parameters())
+        gathered = (2 * block + root) * (p if setup.device == "cuda" else 4)
+        weights, gradients, optimizer, copies = weights // n + gathered, gradients // n + 4 * 2 * block, optimizer // n, copies // n
+    elif setup.processes > 1:  # DDP: gradient buckets, a flat copy of the gradients being averaged
+        gradients += 4 * params
+    activations = activation_bytes(cfg, b, p, loss=loss, checkpointing=setup.checkpointing)
+    fp32_activations = activation_bytes(cfg, b, 4, loss=loss, checkpointing=setup.checkpointing)
+    if setup.compile:
+        activations, fp32_activations = int(activations * COMPILE_ACTIVATIONS), int(fp32_activations * COMPILE_ACTIVATIONS)
+    kept, chunk = loss_bytes(cfg, b, p) if loss == "fused" else (0, 0)
+    if setup.device == "cuda":
+        runtime = int(CUDA_FRAGMENTATION * (activations + kept + chunk))
+    else:
+        runtime = RUNTIME_BYTES + int(MALLOC_KEEP * fp32_activations)
+    runtime += COMPILE_BYTES if setup.compile and setup.device == "cpu" else 0
+    # end of forward: activations and the loss's buffers (and the gradients accumulated so far, if any);
+    # end of backward: the gradients, the embedding's dense gradient being added, the bf16 copies freed
+    forward = activations + kept + chunk + (gradients if setup.grad_accum > 1 else 0)
+    backward = gradients + 4 * cfg.vocab_size * cfg.d_model - copies
+    return {
+        "weights": weights + copies,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "activations": activations,
+        "loss": kept + chunk,
+        "runtime": runtime,
+        "total": weights + copies + optimizer + max(forward, backward) + runtime,
+    }
+
+
+def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None, setup: TrainingSetup | None = None,
+               precisions: tuple[str, ...] = ("fp32", "bf16")) -> dict:
+    """Parameters, training FLOPs per token and per step of `batch_size` sequences of context_length, and
+    training memory (memory_bytes[precision] = memory_parts) for `setup` at each of `precisions`.
+
+    setup: default a CPU, AdamW, eager, one process running all `batch_size` sequences at once; `loss`
+    ("plain") prices a CPU run with the logits built, as older builds did.
     """
     if cfg.vocab_size is None:
         raise GptlabError("model.vocab_size is not set", "pass --model.vocab_size=N (the tokenizer's vocabulary size)")
     from gptlab.model.gpt import GPT
     from gptlab.model.loss import loss_for
 
-    loss = loss or loss_for("cpu")
+    setup = replace(setup or TrainingSetup(batch_size=batch_size), **({"loss": loss} if loss else {}))
     with torch.device("meta"):  # shapes only: a 124M model costs no memory and no time
         model = GPT(cfg)
     params = model.num_params()
     non_embedding = model.num_params(non_embedding=True)
-    active = params - model.idle_parameters()
-    # autocast keeps a bf16 copy of every weight a block's matmuls read, from the forward pass into backward
-    # (the head's is cast chunk by chunk, not kept)
-    cast = sum(p.numel() for p in model.blocks.parameters() if p.dim() >= 2)
     tokens = batch_size * cfg.context_length
     flops = model.flops_per_token()
-    memory = {}
-    fp32_activations = activation_bytes(cfg, batch_size, 4, loss=loss)
-    for precision, p in (("fp32", 4), ("bf16", 2)):
-        copies = 2 * cast if p == 2 else 0
-        kept, chunk = loss_bytes(cfg, batch_size, p) if loss == "fused" else (0, 0)
-        parts = {
-            "weights": 4 * params + copies,
-            "gradients": 4 * params,
-            "optimizer": 8 * params,  # AdamW: two fp32 moments per weight
-            "activations": activation_bytes(cfg, batch_size, p, loss=loss),
-            "loss": kept + chunk,
-        }
-        # end of forward: activations and the loss's buffers, no gradients (set to None by the last step);
-        # end of backward: the gradients, the embedding's dense gradient being added, the copies freed
-        forward = parts["activations"] + parts["loss"]
-        backward = parts["gradients"] + 4 * cfg.vocab_size * cfg.d_model - copies
-        parts["runtime"] = RUNTIME_BYTES + int(MALLOC_KEEP * fp32_activations)
-        parts["total"] = parts["weights"] + parts["optimizer"] + max(forward, backward) + parts["runtime"]
-        memory[precision] = parts
+    memory = {precision: memory_parts(cfg, replace(setup, precision=precision), model) for precision in precisions}
     return {
         "parameters": params,
         "embedding_parameters": params - non_embedding,
         "non_embedding_parameters": non_embedding,
-        "active_parameters": active,  # a token goes through (less than all with MoE parts)
+        "active_parameters": params - model.idle_parameters(),  # a token goes through (less than all with MoE parts)
         "flops_per_token": flops,
         "batch_size": batch_size,
         "context_length": cfg.context_length,
         "tokens_per_step": tokens,
         "flops_per_step": flops * tokens,
-        "loss": loss,
+        "loss": setup.loss or loss_for(setup.device),
+        "setup": setup,
         "memory_bytes": memory,
     }
+
+
+def training_memory(cfg: Config, device: str | None = None) -> dict[str, int]:
+    """memory_parts for the way `gptlab train` would train cfg (setup_for); model.vocab_size, when the
+    tokenizer is to decide it, is the size the [tokenizer] section asks for."""
+    from gptlab.tokenizer import planned_vocab_size
+
+    model_cfg = cfg.model
+    if model_cfg.vocab_size is None:
+        model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
+    return memory_parts(model_cfg, setup_for(cfg, device))
 
 
 def describe(cfg: ModelConfig) -> str:
@@ -178,9 +290,21 @@ def describe(cfg: ModelConfig) -> str:
     )
 
 
+def describe_setup(setup: TrainingSetup, context_length: int) -> str:
+    """'micro-batch 8 x 1,024, bf16 autocast, Muon, compiled, activation checkpointing, 8 processes (FSDP), CUDA'"""
+    parts = [f"micro-batch {setup.batch_size} x {context_length:,}"]
+    parts += [f"grad-accum {setup.grad_accum}"] if setup.grad_accum > 1 else []
+    parts += ["Muon + AdamW" if setup.optimizer == "muon" else "AdamW", "compiled" if setup.compile else "eager"]
+    parts += ["activation checkpointing"] if setup.checkpointing else []
+    parts += [f"{setup.processes} processes ({setup.distributed.upper()}), per process"] if setup.processes > 1 else []
+    return ", ".join(parts + [setup.device.upper() if setup.device == "cuda" else setup.device])
+
+
 def format_model_info(info: dict, title: str, cfg: ModelConfig) -> str:
     """The table `gptlab model info` prints."""
-    mem = info["memory_bytes"]
+    mem, setup = info["memory_bytes"], info["setup"]
+    precisions = list(mem)
+    names = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
     rows = [
         f"{title}: {describe(cfg)}",
         "",
@@ -192,19 +316,25 @@ def format_model_info(info: dict, title: str, cfg: ModelConfig) -> str:
         f"FLOPs per step      {_count(info['flops_per_step']):>10}   "
         f"(batch {info['batch_size']} x {info['context_length']} = {info['tokens_per_step']:,} tokens)",
         "",
-        f"{'training memory, batch ' + str(info['batch_size']):<28}{'fp32':>11}{'bf16 autocast':>15}",
+        f"training memory: {describe_setup(setup, info['context_length'])}",
+        f"{'':<28}" + "".join(f"{names[p]:>15}" for p in precisions),
     ]
+    cuda = setup.device == "cuda"
     labels = {
         "weights": "weights (+ bf16 copies)",
         "gradients": "gradients (fp32)",
-        "optimizer": "AdamW moments (2 x fp32)",
+        "optimizer": ("Muon + AdamW state" if setup.optimizer == "muon" else "AdamW moments (2 x fp32)"),
         "activations": "activations (estimate)",
         "loss": f"{info['loss']} loss buffers",
-        "runtime": "runtime + malloc kept",
-        "total": "total (peak RSS)",
+        "runtime": "allocator's free blocks" if cuda else "runtime + malloc kept",
+        "total": "total (max allocated)" if cuda else "total (peak RSS)",
     }
     for key, label in labels.items():
-        rows.append(f"  {label:<26}{_bytes(mem['fp32'][key]):>11}{_bytes(mem['bf16'][key]):>15}")
+        if key == "loss" and not any(mem[p]["loss"] for p in precisions):
+            continue
+        rows.append(f"  {label:<26}" + "".join(f"{_bytes(mem[p][key]):>15}" for p in precisions))
+    if cuda:
+        rows.append(f"  (the CUDA context, ~{_bytes(CUDA_CONTEXT_BYTES)}, comes on top)")
     return "\n".join(rows)
 
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 import gptlab
 from gptlab import runs
 from gptlab.config import Config, Override, config_to_dict
-from gptlab.device import DTYPES, cpu_count, peak_flops, pick_precision, set_threads
+from gptlab.device import DTYPES, cpu_count, peak_flops, peak_memory, pick_precision, set_threads
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json, make_dirs
 from gptlab.model import lora
@@ -72,12 +72,16 @@ from gptlab.train.validator import Validator
 EXPECTED_MFU = {"cpu": 0.55, "cuda": 0.35, "mps": 0.2}
 
 
-def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] | None = None, verbose: bool = True) -> dict:
+def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], str | None] | None = None,
+          on_eval: Callable[[int, dict], str | None] | None = None, verbose: bool = True) -> dict:
     """Train cfg.model on cfg.train.data_dir into cfg.train.run_dir; returns the summary (also summary.json).
 
     resume=True continues the run in cfg.train.run_dir from its last checkpoint,
     exactly: the same batches, RNG draws and optimizer state as if it had never
-    stopped. `on_step(step)` is called after every optimizer step.
+    stopped. `on_step(step)` is called after every optimizer step, `on_eval(step,
+    result)` after every evaluation (result: the Validator's loss, bpb, best...);
+    either may return a reason ("pruned", "out_of_memory") to stop the run there:
+    it is evaluated, checkpointed and summarised with `stopped` = that reason.
 
     Launched by torchrun, this process is one rank of a distributed run (see
     distributed.py), and cfg.train.nproc > 1 launches torchrun for you; when
@@ -93,7 +97,7 @@ def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], None] |
                 resume = True
             try:
                 trainer = Trainer(cfg, resume, verbose, dist)
-                return trainer.run(on_step)
+                return trainer.run(on_step, on_eval)
             except (RuntimeError, torch.distributed.DistError, CheckpointException) as e:
                 if dist.mode and distributed.is_comm_error(e):
                     raise distributed.lost_contact(e, dist, trainer.step if trainer else 0, cfg.train.dist_timeout) from e
@@ -144,6 +148,7 @@ class Trainer:
         # ---- model, optimizer, data
         ckpt.seed_everything(t.seed)  # the same weights on every rank: FSDP relies on it
         self.model = build_model(cfg.model, self.device)
+        self.model.checkpointing = t.checkpointing
         # Weights from a single-process checkpoint go in before the model is spread over the ranks.
         weights_from = init_from or (resume_from if resume_from and not ckpt.is_sharded(resume_from) else None)
         if weights_from:  # a base model's vocabulary grows by the chat tokens where the shards' tokenizer added them
@@ -207,13 +212,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, on_step: Callable[[int], None] | None = None) -> dict:
+    def run(self, on_step: Callable[[int], str | None] | None = None,
+            on_eval: Callable[[int, dict], str | None] | None = None) -> dict:
         """Train until a limit, a signal or early stopping. The step the run stops at is logged, evaluated
         (unless a signal stopped it) and checkpointed in the loop's last pass, like any evaluation step."""
         t, clock = self.cfg.train, self.clock
         self._print(self.startup_line())
         bar = self._progress_bar()
-        interval, first, stopped = self._interval(), self.step, None
+        interval, first, stopped, asked = self._interval(), self.step, None, None  # asked: on_step's reason
         self.model.train()
         if self.dist.main:
             runs.write_status(self.run_dir, "training", step=self.step)
@@ -222,7 +228,7 @@ class Trainer:
             with self.signals.caught():
                 while True:
                     elapsed = self._agree_elapsed_and_signals()
-                    stopped = self._limit_reached(elapsed) or ("interrupted" if self.signals.name else None)
+                    stopped = self._limit_reached(elapsed) or asked or ("interrupted" if self.signals.name else None)
                     trained = self.step > first  # this step was trained here, not loaded from a checkpoint
                     with clock.paused():  # evaluation, sampling and checkpoints are not training time
                         evaluate = trained and (self.step % t.eval_every == 0 or stopped not in (None, "interrupted"))
@@ -231,6 +237,8 @@ class Trainer:
                         result = self.validator(self.step) if evaluate else None
                         if result and self.validator.patience_spent:
                             stopped = "early_stop"
+                        if result and on_eval and not stopped:
+                            stopped = on_eval(self.step, result) or None
                         if row:
                             interval = self._log(row, result)
                         if evaluate or stopped:
@@ -246,7 +254,7 @@ class Trainer:
                     self.tokens += self.tokens_per_step
                     bar.update(int(clock.elapsed()) - bar.n if self._bar_in_seconds else 1)
                     if on_step:
-                        on_step(self.step)
+                        asked = on_step(self.step) or None
                 clock.stop()
                 self.checkpointer.finish()
         except Diverged as e:
@@ -356,6 +364,7 @@ class Trainer:
             "checkpoint": str(last) if last else None, "best_checkpoint": str(best) if best else None,
             "device": self.device.type, "precision": self.precision, "compile": self.compile,
             "processes": self.dist.world_size, "distributed": self.dist.mode,
+            "peak_memory": peak_memory(self.device),  # this process's (CPU: resident set's high-water mark)
             "versions": {"gptlab": gptlab.__version__, "torch": torch.__version__},
         }
         if self.dist.main:
