@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
