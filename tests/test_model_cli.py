@@ -54,3 +54,39 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def _total(out: str) -> str:
+    return re.search(r"total \((?:peak RSS|max allocated)\)\s+(.+)", out).group(1).split()
+
+
+def test_info_prices_the_setup_the_flags_give(capsys):
+    base = ["model", "info", "tiny-4m", "--model.vocab_size=4096", "--batch-size", "16", "--precision", "bf16"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    header = plain.split("training memory")[1].splitlines()[1].split()
+    assert "micro-batch 16 x 256, AdamW, eager, cpu" in plain and header == ["bf16", "autocast"]  # one column
+    assert main([*base, "--optimizer", "muon", "--checkpointing"]) == 0
+    lean = capsys.readouterr().out
+    assert "Muon + AdamW state" in lean and "activation checkpointing" in lean
+
+    def mib(out, row):
+        value, unit = re.search(rf"{row}\S*\s+([\d.]+) (MiB|GiB)", out).groups()
+        return float(value) * (1024 if unit == "GiB" else 1)
+
+    assert mib(lean, "activations") < mib(plain, "activations") / 2  # only the blocks' inputs and one block
+    assert mib(lean, r"Muon \+ AdamW state") < mib(plain, "AdamW moments")  # one buffer a block matrix, not two
+
+
+def test_info_per_process_on_gpus(capsys):
+    args = ["model", "info", "gpt2-124m", "--batch-size", "64", "--device", "cuda", "--nproc", "8", "--grad-accum", "2"]
+    assert main([*args, "--distributed", "fsdp"]) == 0
+    fsdp = capsys.readouterr().out
+    assert "micro-batch 8 x 1,024, grad-accum 2" in fsdp and "8 processes (FSDP), per process, CUDA" in fsdp
+    assert "batch 128 x 1024 = 131,072 tokens" in fsdp  # a step: batch_size x grad_accum
+    assert "total (max allocated)" in fsdp and "CUDA context" in fsdp
+    assert main([*args, "--distributed", "ddp"]) == 0
+    ddp = capsys.readouterr().out
+    weights = [re.search(r"weights \(\+ bf16 copies\)\s+([\d.]+) MiB", out).group(1) for out in (fsdp, ddp)]
+    # each FSDP process holds a shard, plus two blocks and the embeddings gathered
+    assert float(weights[0]) < 0.6 * float(weights[1])
