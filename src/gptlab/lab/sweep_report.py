@@ -2,11 +2,12 @@
 
     write_report(sweep_dir, study=None, best=3) -> dict    results.md, results.csv, sweep.png, compare/ (below)
     load_study(sweep_dir) -> optuna.Study                  the study named by SWEEP_DIR/spec.toml, from its storage
-    trial_rows(study) -> list[dict]                        one flat row per trial (the CSV's rows, raw numbers)
+    trial_rows(study) -> list[dict]                        one row per trial, raw numbers (searched values in "params")
     format_table(rows, keys, objective) -> str             the ranked trials as plain text, for a terminal 100 wide
     format_skipped(rows, keys=None) -> str                 a markdown table of configurations skipped for memory
     plot_sweep(rows, keys, objective, path)                sweep.png on its own
     format_bytes(n), format_count(n), format_value(v)      2.31 GiB, 12.3M, 3e-04 / 512 / rmsnorm
+    format_failed(rows, keys), format_budget(budget), searched_keys(study), storage_url(sweep_dir)
 
 The study follows the sweep contract (see gptlab.lab.sweep): study.user_attrs "objective", "keys", "max_memory",
 "budget"; each trial's params keyed by dotted config key, user_attrs "run_dir" (relative to SWEEP_DIR),
