@@ -4,14 +4,17 @@ Each row runs in a fresh process (so one row's allocations neither hide nor infl
 
     1. imports, threads, the batch of random tokens; the process's resident set then is the baseline
        (its high-water mark is reset there: /proc/self/clear_refs)
-    2. build_model + build_optimizer (AdamW, gptlab's fused CPU kernel) as `gptlab train` does
-    3. --steps steps of gptlab's TrainStep (forward, backward, clip, AdamW step, zero_grad)
+    2. build_model + build_optimizer (AdamW, gptlab's fused CPU kernel, or Muon + AdamW with --optimizer muon)
+       as `gptlab train` does (model.checkpointing from --checkpointing)
+    3. --steps steps of gptlab's TrainStep (--grad-accum micro-steps of forward + backward, clip, optimizer
+       step, zero_grad)
     4. one more step by hand, phase by phase, each phase's peak measured from its own start
        (the high-water mark reset before each): forward, backward, clip + optimizer step
 
 and reports the peak resident memory above the baseline (VmHWM - baseline: what the issue calls the
-real peak), beside model_info's prediction (weights + gradients + optimizer + activations, for the
-row's precision, batch and context). Also printed, from the process itself:
+real peak), beside memory_parts' prediction for the same setup (TrainingSetup: the row's precision,
+batch and context, the optimizer, checkpointing, grad_accum and compile of the flags). Also printed,
+from the process itself:
 
     tensors   parameters, gradients and optimizer state counted from the tensors (their bytes)
     warm      the resident memory the first step leaves that is no tensor of the model (the CPU
@@ -21,6 +24,7 @@ row's precision, batch and context). Also printed, from the process itself:
     python benchmarks/memory.py                           # all shapes, fp32 and bf16
     python benchmarks/memory.py --shapes tiny-4m-b16,tiny-16m --precisions fp32
     python benchmarks/memory.py --compile                 # torch.compile'd step (a C++ compiler needed)
+    python benchmarks/memory.py --shapes tiny-4m-b2 --precisions fp32 --optimizer muon --checkpointing --grad-accum 2
 
 The last line is `RESULT worst_ratio=... mean_abs_error=... cpu=<torch's CPU capability>`: worst_ratio is
 the predicted/measured ratio farthest from 1, mean_abs_error the mean of |predicted/measured - 1|.
@@ -97,34 +101,51 @@ def config(shape: str):
     return ModelConfig(**{**base, **overrides, "context_length": context}), batch
 
 
-def child(shape: str, precision: str, steps: int, threads: int, compile: bool) -> dict:
+def setup_of(args, batch: int, precision: str):
+    """The TrainingSetup a row trains with (the flags'), as memory_parts prices it."""
+    from gptlab.model.info import TrainingSetup
+
+    return TrainingSetup(batch_size=batch, precision=precision, optimizer=args.optimizer, compile=args.compile,
+                         checkpointing=args.checkpointing, grad_accum=args.grad_accum)
+
+
+def build(cfg, device, precision: str, args):
+    """Model, optimizer and TrainStep as `gptlab train` builds them for the flags' setup."""
     import torch
 
     from gptlab.config import TrainConfig
-    from gptlab.device import autocast
     from gptlab.model import build_model
-    from gptlab.model.info import model_info
     from gptlab.train.optim import build_optimizer
     from gptlab.train.step import TrainStep
 
-    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_model(cfg, device).train()
+    model.checkpointing = args.checkpointing
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, optimizer=args.optimizer), device)
+    return model, optimizer, TrainStep(model, optimizer, device, precision, compile=args.compile)
+
+
+def child(shape: str, precision: str, args) -> dict:
+    import torch
+
+    from gptlab.device import autocast
+    from gptlab.model.info import memory_parts
+
+    torch.set_num_threads(args.threads)
     cfg, batch = config(shape)
     device = torch.device("cpu")
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
-    predicted = model_info(cfg, batch)["memory_bytes"][precision]
+    predicted = memory_parts(cfg, setup_of(args, batch, precision))
     gc.collect()
     base = reset_peak()
 
-    torch.manual_seed(0)
-    model = build_model(cfg, device).train()
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4), device)
-    step = TrainStep(model, optimizer, device, precision, compile=compile)
+    model, optimizer, step = build(cfg, device, precision, args)
     built = status()["VmRSS"] - base
     times, after = [], []
-    for _ in range(steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
-        step(lambda: (x, y), 1, 1e-4)[0].item()
+        step(lambda: (x, y), args.grad_accum, 1e-4)[0].item()
         times.append(time.perf_counter() - start)
         after.append(status()["VmRSS"] - base)
     peak = status()["VmHWM"] - base
@@ -161,29 +182,21 @@ def child(shape: str, precision: str, steps: int, threads: int, compile: bool) -
     }
 
 
-def tensors(shape: str, precision: str, steps: int, threads: int, compile: bool) -> dict:
+def tensors(shape: str, precision: str, args) -> dict:
     """The live tensors' peak over building and --steps steps, by torch.profiler's categories (allocations
     that PyTorch makes, kernels' scratch included; not malloc's kept free memory, nor code)."""
     import torch
     from torch.profiler import ProfilerActivity, _memory_profiler, profile
 
-    from gptlab.config import TrainConfig
-    from gptlab.model import build_model
-    from gptlab.train.optim import build_optimizer
-    from gptlab.train.step import TrainStep
-
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     cfg, batch = config(shape)
     device = torch.device("cpu")
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length + 1), generator=torch.Generator().manual_seed(0))
     x, y = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        torch.manual_seed(0)
-        model = build_model(cfg, device).train()
-        optimizer = build_optimizer(model, TrainConfig(lr=1e-4), device)
-        step = TrainStep(model, optimizer, device, precision, compile=compile)
-        for _ in range(steps):
-            step(lambda: (x, y), 1, 1e-4)
+        model, optimizer, step = build(cfg, device, precision, args)
+        for _ in range(args.steps):
+            step(lambda: (x, y), args.grad_accum, 1e-4)
     timeline = _memory_profiler.MemoryProfileTimeline(prof._memory_profile())
     times, sizes = timeline._coalesce_timeline("cpu")
     names = ["unknown"] + [c.name.lower() if c else "unknown" for c in _memory_profiler._CATEGORY_TO_INDEX]
@@ -202,6 +215,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (TrainStep's compile=True)")
+    parser.add_argument("--optimizer", choices=("adamw", "muon"), default="adamw",
+                        help="train.optimizer: AdamW, or Muon for the blocks' matrices and AdamW for the rest")
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing (train.checkpointing)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="N", help="micro-steps a step (train.grad_accum)")
     parser.add_argument("--json", help="also write every row's measurements here")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="set in the rows' processes, e.g. MALLOC_MMAP_THRESHOLD_=65536 (glibc: every large "
@@ -212,14 +229,17 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         run = tensors if args.tensors else child
-        print(json.dumps(run(*args.child, args.steps, args.threads, args.compile)))
+        print(json.dumps(run(*args.child, args)))
         return
 
     import torch
 
     capability = torch.backends.cpu.get_cpu_capability()
-    print(f"cpu {capability}, {args.threads} threads, torch {torch.__version__}; AdamW, {args.steps} steps, "
-          f"{'compiled' if args.compile else 'eager'}; each row a fresh process; MiB")
+    from gptlab.model.info import describe_setup
+
+    setup = describe_setup(setup_of(args, 1, "fp32"), 1).split(", ", 1)[1]  # without the micro-batch: the rows'
+    print(f"cpu {capability}, {args.threads} threads, torch {torch.__version__}; {setup}, {args.steps} steps; "
+          "each row a fresh process; MiB")
     head = (f"{'shape':<16} {'params':>8} {'b x ctx':>9} {'prec':<5} {'weights':>8} {'grads':>7} {'optim':>7} "
             f"{'activ':>7} {'loss':>6} {'rt+mal':>6} {'pred':>7} {'measured':>8} {'ratio':>6}   {'built':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} "
             f"{'malloc held/used':>16} {'s/step':>6}")
@@ -233,8 +253,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):
-            out = subprocess.run([sys.executable, __file__, "--child", shape, precision, "--steps", str(args.steps),
-                                  "--threads", str(args.threads)] + (["--compile"] if args.compile else []),
+            out = subprocess.run([sys.executable, __file__, "--child", shape, precision, *child_flags(args)],
                                  capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{shape:<16} {precision:<5} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -259,12 +278,18 @@ def main() -> None:
         print(f"RESULT worst_ratio={worst:.3f} mean_abs_error={error:.3f} rows={len(rows)} cpu={capability}")
 
 
+def child_flags(args) -> list[str]:
+    """The flags a row's process needs to train as this one was asked to."""
+    return (["--steps", str(args.steps), "--threads", str(args.threads), "--optimizer", args.optimizer,
+             "--grad-accum", str(args.grad_accum)] + (["--compile"] if args.compile else [])
+            + (["--checkpointing"] if args.checkpointing else []))
+
+
 def tensor_rows(args, env) -> None:
     print(f"{'shape':<16} {'prec':<5} {'tensor peak':>11}  parts at the peak (at: its place in the run, 0-1)")
     for shape in args.shapes.split(","):
         for precision in args.precisions.split(","):
-            out = subprocess.run([sys.executable, __file__, "--child", shape, precision, "--tensors", "--steps",
-                                  str(args.steps), "--threads", str(args.threads)] + (["--compile"] if args.compile else []),
+            out = subprocess.run([sys.executable, __file__, "--child", shape, precision, "--tensors", *child_flags(args)],
                                  capture_output=True, text=True, env=env)
             if out.returncode:
                 print(f"{shape:<16} {precision:<5} failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)

@@ -43,6 +43,10 @@ ALIASES: dict[str, dict[str, str]] = {
                    "--grad-accum": "train.grad_accum", "--device": "train.device", "--nproc": "train.nproc",
                    "--distributed": "train.distributed", "--compile": "train.compile=true",
                    "--checkpointing": "train.checkpointing=true"},
+    "model fit": {"--batch-size -b": "train.batch_size", "--precision": "train.precision", "--optimizer": "train.optimizer",
+                  "--grad-accum": "train.grad_accum", "--device": "train.device", "--nproc": "train.nproc",
+                  "--distributed": "train.distributed", "--compile": "train.compile=true",
+                  "--checkpointing": "train.checkpointing=true"},
     "train": {"--data-dir -d": "train.data_dir", "--run -r": "train.run_dir", "--nproc": "train.nproc",
               "--distributed": "train.distributed"},
     "sft": {"--run-dir --run -r": "train.run_dir", "--nproc": "train.nproc", "--lora-rank": "train.lora_rank",
@@ -366,6 +370,35 @@ def _add_model_commands(sub) -> None:
 
     p = _parser(
         sub,
+        "model fit",
+        "the largest micro-batch, or the largest model, whose training fits a memory budget",
+        """
+        gptlab model fit gpt2-124m --memory 16GB
+        gptlab model fit gpt2-124m --memory 16GB --precision bf16 --checkpointing --tokens-per-step 524288
+        gptlab model fit tiny-4m --model.vocab_size=4096 --memory 2GiB --scale depth
+        gptlab model fit recipes/aurelius.toml --memory 1GB --scale both --optimizer muon
+        gptlab model fit gpt2-124m --memory 80GB --device cuda --nproc 8 --distributed fsdp --scale width
+        """,
+        description="Like llama.cpp's --fit, for training: from the memory estimate of `gptlab model info` "
+        "(the peak one training process holds), --scale batch finds the largest micro-batch per process that "
+        "fits --memory and the --train.grad_accum that keeps the tokens a step (the config's batch_size x "
+        "grad_accum x context_length, or --tokens-per-step); depth, width and both find the largest model of "
+        "the config's family that fits at its batch: more layers, a wider model in steps of the head size "
+        "(more heads of the same size), or both at the config's width / depth. Prints the overrides to train "
+        "it with and the candidates around the boundary. The setup flags (--precision, --optimizer, "
+        "--checkpointing, --nproc ...) say how it would be trained, as for `model info`.",
+    )
+    p.add_argument("model", metavar="PRESET|CONFIG|RUN", help="a preset name, a TOML config file, or a run directory")
+    p.add_argument("--memory", "-m", metavar="BYTES", help="the budget, e.g. 8GB, 2GiB, 512MB (default: the memory "
+                   "free now on the device it would train on)")
+    p.add_argument("--scale", choices=("batch", "depth", "width", "both"), default="batch",
+                   help="what to fit: the micro-batch (default), or the model's depth, width or both")
+    p.add_argument("--tokens-per-step", type=int, metavar="N", help="--scale batch: tokens a step should take "
+                   "(default: the config's batch_size x grad_accum x context_length)")
+    p.set_defaults(func=_model_fit)
+
+    p = _parser(
+        sub,
         "model parts",
         "the parts a block string is written with, the named layouts, and the attention masks",
         """
@@ -443,6 +476,50 @@ def _model_info(args) -> int:
     precisions = ("fp32", "bf16") if cfg.train.precision == "auto" else (setup.precision,)
     info = model_info(model_cfg, cfg.train.batch_size * cfg.train.grad_accum, setup=setup, precisions=precisions)
     print(format_model_info(info, model_cfg.preset or args.model, model_cfg))
+    return 0
+
+
+def _model_fit(args) -> int:
+    from gptlab.device import free_memory, parse_memory
+    from gptlab.lab.fit import fit_batch, fit_model
+    from gptlab.model.info import _bytes, _count, describe, describe_setup, setup_for
+
+    cfg, model_cfg = _model_config(args)
+    setup = setup_for(cfg)
+    if args.memory is not None:
+        memory, source = parse_memory(args.memory, "--memory"), f"--memory {args.memory}"
+    else:
+        memory, source = free_memory(setup.device), f"free now on {setup.device}"
+    if args.tokens_per_step is not None and args.tokens_per_step < 1:
+        raise GptlabError(f"--tokens-per-step {args.tokens_per_step} is not a count of tokens", "give a positive number")
+    _say(args, f"{model_cfg.preset or args.model}: {describe(model_cfg)}", f"budget: {_bytes(memory)} ({source})")
+    precision = "fp32, " if setup.precision == "fp32" else f"{setup.precision} autocast, "
+    if args.scale == "batch":
+        fit = fit_batch(model_cfg, setup, memory, args.tokens_per_step)
+        _say(args, f"priced: {precision}{describe_setup(fit['setup'], model_cfg.context_length)}", "")
+        print(f"{'batch':>7} {'grad-accum':>10} {'predicted peak':>15}")
+        for row in fit["rows"]:
+            mark = ("  <- the answer" if row["batch"] == fit["batch_size"] else "")
+            mark += ("  <- the largest that fits" if row["batch"] == fit["largest"] else "" if row["fits"] else "  (does not fit)")
+            print(f"{row['batch']:>7} {row['grad_accum']:>10} {_bytes(row['peak']):>15}{mark}")
+        print(f"\nfits: micro-batch {fit['batch_size']} per process x grad-accum {fit['grad_accum']}"
+              f"{f' x {setup.processes} processes' if setup.processes > 1 else ''} = {fit['tokens_per_step']:,} tokens a "
+              f"step (asked {fit['asked_tokens_per_step']:,}), predicted {_bytes(fit['peak'])} of {_bytes(memory)}")
+        if fit["largest"] > fit["batch_size"]:
+            _say(args, f"(micro-batches up to {fit['largest']} fit: ask more with --tokens-per-step)")
+    else:
+        fit = fit_model(model_cfg, setup, memory, args.scale)
+        _say(args, f"priced: {precision}{describe_setup(setup, model_cfg.context_length)}", "")
+        print(f"{'layers':>7} {'d_model':>7} {'heads':>6} {'d_ff':>6} {'params':>9} {'predicted peak':>15}")
+        for row in fit["rows"]:
+            mark = ("  <- the largest that fits" if row["size"] == fit["size"] else "" if row["fits"] else "  (does not fit)")
+            mark += "  (the config's)" if row["config"] else ""
+            heads = f"{row['n_head']}/{row['n_kv_head']}" if row["n_kv_head"] != row["n_head"] else str(row["n_head"])
+            print(f"{row['n_layer']:>7} {row['d_model']:>7} {heads:>6} {row['d_ff']:>6} {_count(row['parameters']):>9} "
+                  f"{_bytes(row['peak']):>15}{mark}")
+        print(f"\nfits: {fit['n_layer']} layers x {fit['d_model']}, {_count(fit['parameters'])} parameters, "
+              f"predicted {_bytes(fit['peak'])} of {_bytes(memory)}")
+    print("  " + (" ".join(fit["overrides"]) or "(the config as it is)"))
     return 0
 
 
