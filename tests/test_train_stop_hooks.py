@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from helpers import read_metrics, tiny_config
 
 from gptlab.device import free_memory, parse_memory, peak_memory
 from gptlab.errors import GptlabError
 from gptlab.runs import run_status
 from gptlab.train import train
-from helpers import read_metrics, tiny_config
 
 
 def test_on_eval_sees_each_evaluation_and_its_reason_stops_the_run(tiny_shards, tmp_path):
