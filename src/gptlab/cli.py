@@ -1207,6 +1207,59 @@ def _speedrun(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- sweep
+
+
+def _add_sweep_commands(sub) -> None:
+    from gptlab.lab import sweep
+
+    p = _parser(
+        sub,
+        "sweep",
+        "search hyper-parameters: grid / random / Optuna TPE trials within a memory budget, pruned, resumable",
+        """
+        gptlab sweep sweep.toml --dry-run                        # the candidates, their memory, which are skipped
+        gptlab sweep sweep.toml --max-memory 2GB                 # train the trials that fit in 2 GB
+        gptlab sweep sweep.toml --workers 2                      # two worker processes on one study
+        gptlab sweep sweep.toml --storage postgresql://u:p@host/db   # join a study shared between machines
+        gptlab sweep sweep.toml --trials 30                      # run more trials (again: continues the sweep)
+        gptlab sweep sweep.toml --report                         # (re)write the results table, csv, plot, compare
+        """,
+        description="Trains many configurations, each a normal run directory SWEEP/trials/NNNN, and ranks them by "
+        "the objective (the last evaluation's val_bpb or val_loss at a fixed budget). Every configuration whose "
+        "predicted training memory exceeds the budget is skipped before anything trains, and listed with the "
+        "reason (SWEEP/skipped.md). The study lives in Optuna storage: run the same command again to continue "
+        "after Ctrl-C or a crash; other workers with the same storage join it.\n\nThe spec (TOML):\n"
+        + textwrap.indent(sweep.__doc__.split("A spec is a TOML file; every key is optional but [space]:\n\n", 1)[1]
+                          .split("\n\nBefore any trial runs", 1)[0], "") ,
+    )
+    p.add_argument("spec", metavar="SPEC", help="the sweep spec TOML")
+    p.add_argument("--trials", type=int, metavar="N", help="trials to run in all (the spec's trials)")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes on the study (default 1)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget of a trial, e.g. 2GB or 512MiB (default: the "
+                   "spec's max_memory, else what the machine has free now)")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL (default: sqlite in the sweep folder)")
+    p.add_argument("--out", "-o", metavar="DIR", help="the sweep folder (default: the spec's out, else sweeps/<stem>)")
+    p.add_argument("--dry-run", action="store_true", help="print the candidate configurations and their memory, run nothing")
+    p.add_argument("--report", action="store_true", help="only (re)write and print the report of the sweep")
+    p.add_argument("--verbose", "-v", action="store_true", help="show each trial's training log and data preparation")
+    p.set_defaults(func=_sweep)
+
+
+def _sweep(args) -> int:
+    from gptlab.lab.sweep import load_spec, load_sweep_study, report_sweep, run_sweep
+
+    if args.config:
+        raise GptlabError("gptlab sweep takes its spec as SPEC", "write base = \"CONFIG.toml\" in the spec instead of --config")
+    spec = load_spec(args.spec, trials=args.trials, max_memory=args.max_memory, storage=args.storage, out=args.out,
+                     overrides=args.overrides)
+    if args.report:
+        report_sweep(spec.out, load_sweep_study(spec), quiet=args.quiet)
+        return 0
+    run_sweep(spec, workers=args.workers, quiet=args.quiet, verbose=args.verbose, dry_run=args.dry_run)
+    return 0
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -1260,7 +1313,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_tokenizer_commands, _add_data_commands, _add_model_commands, _add_train_commands,
                 _add_sft_commands, _add_evaluate_commands, _add_distill_commands, _add_bench_commands, _add_speedrun_commands,
-                _add_export_commands, _add_config_commands):
+                _add_export_commands, _add_sweep_commands, _add_config_commands):
         add(sub)
     return parser
 
