@@ -262,10 +262,10 @@ def main() -> None:
             rows.append(r)
             p = r["predicted"]
             ph = r["phases"]
-            r["ratio"] = p["total"] / r["peak"]
+            r["ratio"] = (p["total"] - p["process"]) / r["peak"]  # the process's own start is not measured
             print(f"{shape:<16} {r['parameters'] / 1e6:>7.2f}M {r['batch']:>3} x {r['context']:<4} {precision:<5} "
                   f"{p['weights'] / MiB:>8.1f} {p['gradients'] / MiB:>7.1f} {p['optimizer'] / MiB:>7.1f} "
-                  f"{p['activations'] / MiB:>7.1f} {p.get('loss', 0) / MiB:>6.1f} {p.get('runtime', 0) / MiB:>6.1f} {p['total'] / MiB:>7.1f} {r['peak'] / MiB:>8.1f} {r['ratio']:>6.2f}   "
+                  f"{p['activations'] / MiB:>7.1f} {p.get('loss', 0) / MiB:>6.1f} {p.get('runtime', 0) / MiB:>6.1f} {(p['total'] - p['process']) / MiB:>7.1f} {r['peak'] / MiB:>8.1f} {r['ratio']:>6.2f}   "
                   f"{r['built'] / MiB:>6.1f} {ph['forward'][1] / MiB:>6.1f} {ph['backward'][1] / MiB:>6.1f} "
                   f"{ph['optimizer'][1] / MiB:>6.1f} {r['malloc']['held'] / MiB:>8.0f}/{r['malloc']['used'] / MiB:<7.0f} "
                   f"{min(r['seconds']):>6.2f}", flush=True)

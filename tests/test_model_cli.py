@@ -56,10 +56,6 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def _total(out: str) -> str:
-    return re.search(r"total \((?:peak RSS|max allocated)\)\s+(.+)", out).group(1).split()
-
-
 def test_info_prices_the_setup_the_flags_give(capsys):
     base = ["model", "info", "tiny-4m", "--model.vocab_size=4096", "--batch-size", "16", "--precision", "bf16"]
     assert main(base) == 0
@@ -84,7 +80,7 @@ def test_info_per_process_on_gpus(capsys):
     fsdp = capsys.readouterr().out
     assert "micro-batch 8 x 1,024, grad-accum 2" in fsdp and "8 processes (FSDP), per process, CUDA" in fsdp
     assert "batch 128 x 1024 = 131,072 tokens" in fsdp  # a step: batch_size x grad_accum
-    assert "total (max allocated)" in fsdp and "CUDA context" in fsdp
+    assert "total (peak, per process)" in fsdp and "CUDA context" in fsdp
     assert main([*args, "--distributed", "ddp"]) == 0
     ddp = capsys.readouterr().out
     weights = [re.search(r"weights \(\+ bf16 copies\)\s+([\d.]+) MiB", out).group(1) for out in (fsdp, ddp)]

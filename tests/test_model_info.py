@@ -125,7 +125,7 @@ def test_model_info_memory_adds_up():
     # the peak: gradients are set to None between steps, so they and the activations are never all there at once
     v, d = 4096, 256
     forward = fp32["activations"] + fp32["loss"]
-    assert fp32["total"] == fp32["weights"] + fp32["optimizer"] + max(forward, fp32["gradients"] + 4 * v * d) + fp32["runtime"]
+    assert fp32["total"] == fp32["weights"] + fp32["optimizer"] + max(forward, fp32["gradients"] + 4 * v * d) + fp32["runtime"] + fp32["process"]
     assert fp32["total"] < sum(v for k, v in fp32.items() if k != "total")
     assert model_info(preset("tiny-4m"), batch_size=16, loss="plain")["memory_bytes"]["fp32"]["loss"] == 0
     assert bf16["activations"] < fp32["activations"]
