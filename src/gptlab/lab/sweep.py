@@ -391,6 +391,10 @@ def parameter_count(cfg: Config) -> int:
         return GPT(model_cfg).num_params()
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
 def gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
@@ -623,7 +627,7 @@ def data_key(cfg: Config) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def prepare_trial_data(cfg: Config, sweep_dir: Path, say=print) -> Path:
+def prepare_trial_data(cfg: Config, sweep_dir: Path, say=print, verbose: bool = False) -> Path:
     """The trial's prepared-data folder SWEEP/data/<hash>, made once (a file lock keeps two workers from
     preparing one folder at the same time). Without data.sources, train.data_dir is used as it is."""
     from gptlab.data import prepare_data
@@ -642,9 +646,10 @@ def prepare_trial_data(cfg: Config, sweep_dir: Path, say=print) -> Path:
             cfg.data.out_dir = str(folder)
             tokenizer_dir = sweep_dir / "data" / f"{key}-tokenizer"
             tokenizer_dir.mkdir(parents=True, exist_ok=True)
-            tokenizer = _tokenizer_stage(cfg, tokenizer_dir, folder, say)
-            say(f"data: preparing {folder}")
-            prepare_data(cfg, tokenizer, progress=say is print)
+            say(f"data: a {cfg.tokenizer.kind} tokenizer of {cfg.tokenizer.vocab_size:,} and its shards -> {folder} "
+                "(once for every trial with these settings)")
+            tokenizer = _tokenizer_stage(cfg, tokenizer_dir, folder, say if verbose else _say(True))
+            prepare_data(cfg, tokenizer, progress=verbose)
     return folder
 
 
@@ -786,8 +791,10 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
             for key, value in {"run_dir": str(run_dir), "predicted_memory": point["predicted"],
                                "parameters": point["parameters"], "worker": f"{socket.gethostname()}:{os.getpid()}"}.items():
                 trial.set_user_attr(key, value)
+            say(f"trial {trial.number:>4}  starts   {describe_params(params)}  ({_count(point['parameters'])} "
+                f"parameters, predicted {gib(point['predicted'])}) -> {spec.out / run_dir}")
             try:
-                cfg.train.data_dir = str(prepare_trial_data(cfg, spec.out, say if verbose else _say(True)))
+                cfg.train.data_dir = str(prepare_trial_data(cfg, spec.out, say, verbose))
             except GptlabError as e:
                 _tell_error(study, trial, str(e), say, params)
                 continue
@@ -919,9 +926,16 @@ def run_sweep(spec: Spec, workers: int = 1, quiet: bool = False, verbose: bool =
     if not fitting:
         raise empty_space_error(spec, points)
     check_sweep_dir(spec)
-    say(format_candidates(spec, points) if any(p["reason"] for p in points) or verbose else
-        f"{len(points)} {'grid points' if spec.sampler == 'grid' else 'corners of the space'} fit in {gib(spec.max_memory)}")
-    write_skipped(spec, points)
+    skipped_md = write_skipped(spec, points)
+    if verbose:
+        say(format_candidates(spec, points))
+    else:  # the count, and the few largest skipped: the whole list is in skipped.md (--dry-run prints it)
+        skipped = [p for p in points if p["reason"]]
+        what = "grid points" if spec.sampler == "grid" else "corners of the space"
+        say(f"{len(points)} {what}: {len(fitting)} fit in {gib(spec.max_memory)}"
+            + (f", {len(skipped)} skipped before training (all in {skipped_md}), e.g.:" if skipped else ""))
+        for p in skipped[:3]:
+            say(f"  skipped  {describe_params(p['params'])}  ({p['reason']})")
     study = open_study(spec, heartbeat, grace)
     grid_points = len(points) if spec.sampler == "grid" else 0
     target = spec.trials or len(fitting)
