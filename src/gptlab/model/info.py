@@ -32,7 +32,20 @@ if TYPE_CHECKING:  # config.py imports the model package (its block check) befor
 
 def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None,
                      loss: str = "plain", checkpointing: bool = False) -> int:
-    """Bytes of activations autograd keeps for backward in one step (an estimate, see the module docstring).
+    """Bytes of activations autograd keeps for backward in one step (activation_terms: per layer and outside
+    the blocks). checkpointing: activation checkpointing (train.checkpointing): every block keeps only its
+    fp32 input, and one block's activations exist at a time, while backward runs it again."""
+    per_layer, outside = activation_terms(cfg, batch_size, bytes_per_value, seq_len, loss)
+    if checkpointing:
+        s, b = seq_len or cfg.context_length, batch_size
+        return cfg.n_layer * s * b * cfg.d_model * 4 + per_layer + outside
+    return cfg.n_layer * per_layer + outside
+
+
+def activation_terms(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None,
+                     loss: str = "plain") -> tuple[int, int]:
+    """Bytes of activations autograd keeps for backward, (one layer's, outside the blocks), an estimate (see
+    the module docstring).
 
     bytes_per_value is 4 (fp32) or 2 (bf16 autocast) for matmul inputs and outputs; the residual stream, and
     so every norm on it, stays fp32 under autocast (the weights are fp32). A dropout keeps a mask of the
@@ -41,8 +54,6 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
 
     loss: the head's loss (model/loss.py). "plain" keeps the logits and their fp32 log-softmax; "fused" (the
     CPU's) keeps neither: what it holds instead is loss_bytes'.
-    checkpointing: activation checkpointing (train.checkpointing): every block keeps only its fp32 input, and
-    one block's activations exist at a time, while backward runs it again.
     """
     s, b, p = seq_len or cfg.context_length, batch_size, bytes_per_value
     h, f, V = cfg.d_model, cfg.ff_dim, cfg.vocab_size
@@ -79,9 +90,7 @@ def activation_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, se
     # through backward) and the fp32 log-softmax of the loss; the fused loss keeps none of the last three
     head = h * p + V * (p + 4) if loss == "plain" else 0
     outside = s * b * (norm_copies * h * 4 + head + h * p * dropout)
-    if checkpointing:
-        return cfg.n_layer * s * b * h * 4 + per_layer + outside
-    return cfg.n_layer * per_layer + outside
+    return per_layer, outside
 
 
 def loss_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len: int | None = None) -> tuple[int, int]:
@@ -112,6 +121,11 @@ def loss_bytes(cfg: ModelConfig, batch_size: int, bytes_per_value: int, seq_len:
 # counted on the fp32 size: 0.3); run to run it moves by up to 15% of the peak at the small shapes.
 RUNTIME_BYTES = 30 * 2**20
 MALLOC_KEEP = 0.3
+# With activation checkpointing the peak is in backward (gradients beside the blocks' inputs and a block run
+# again); malloc keeps less of the whole activations and some of a block's (fitted on 16 rows: within 15% but
+# one, benchmarks/MEMORY.md)
+CHECKPOINTING_MALLOC_KEEP = 0.15
+CHECKPOINTING_BLOCK_KEEP = 0.5
 # torch.compile on a CPU (benchmarks/MEMORY.md): dynamo's and inductor's modules and compiled code (~75 MiB),
 # and fewer activations kept (inductor fuses pointwise ops and recomputes cheap ones in backward: ~0.7x)
 COMPILE_BYTES = 75 * 2**20
@@ -206,12 +220,15 @@ def memory_parts(cfg: ModelConfig, setup: TrainingSetup, model=None) -> dict[str
     elif setup.processes > 1:  # DDP: gradient buckets, a flat copy of the gradients being averaged
         gradients += 4 * params
     activations = activation_bytes(cfg, b, p, loss=loss, checkpointing=setup.checkpointing)
-    fp32_activations = activation_bytes(cfg, b, 4, loss=loss, checkpointing=setup.checkpointing)
+    fp32_activations = activation_bytes(cfg, b, 4, loss=loss)  # malloc's share follows the uncheckpointed size
     if setup.compile:
         activations, fp32_activations = int(activations * COMPILE_ACTIVATIONS), int(fp32_activations * COMPILE_ACTIVATIONS)
     kept, chunk = loss_bytes(cfg, b, p) if loss == "fused" else (0, 0)
     if setup.device == "cuda":
         runtime = int(CUDA_FRAGMENTATION * (activations + kept + chunk))
+    elif setup.checkpointing:  # each block's activations made and freed twice, in forward and in backward
+        runtime = RUNTIME_BYTES + int(CHECKPOINTING_MALLOC_KEEP * fp32_activations
+                                      + CHECKPOINTING_BLOCK_KEEP * activation_terms(cfg, b, 4, loss=loss)[0])
     else:
         runtime = RUNTIME_BYTES + int(MALLOC_KEEP * fp32_activations)
     runtime += COMPILE_BYTES if setup.compile and setup.device == "cpu" else 0
@@ -220,6 +237,8 @@ def memory_parts(cfg: ModelConfig, setup: TrainingSetup, model=None) -> dict[str
     # end of backward: the gradients, the embedding's dense gradient being added, the bf16 copies freed
     forward = activations + kept + chunk + (gradients if setup.grad_accum > 1 else 0)
     backward = gradients + 4 * cfg.vocab_size * cfg.d_model - copies
+    if setup.checkpointing:  # backward holds the blocks' inputs, a block run again and its activations' gradients
+        backward += activations + activation_terms(cfg, b, p, loss=loss)[0]
     return {
         "weights": weights + copies,
         "gradients": gradients,
