@@ -482,7 +482,7 @@ def _model_info(args) -> int:
 def _model_fit(args) -> int:
     from gptlab.device import free_memory, parse_memory
     from gptlab.lab.fit import fit_batch, fit_model
-    from gptlab.model.info import _bytes, _count, describe, describe_setup, setup_for
+    from gptlab.model.info import describe, describe_setup, format_bytes, format_count, setup_for
 
     cfg, model_cfg = _model_config(args)
     setup = setup_for(cfg)
@@ -492,7 +492,7 @@ def _model_fit(args) -> int:
         memory, source = free_memory(setup.device), f"free now on {setup.device}"
     if args.tokens_per_step is not None and args.tokens_per_step < 1:
         raise GptlabError(f"--tokens-per-step {args.tokens_per_step} is not a count of tokens", "give a positive number")
-    _say(args, f"{model_cfg.preset or args.model}: {describe(model_cfg)}", f"budget: {_bytes(memory)} ({source})")
+    _say(args, f"{model_cfg.preset or args.model}: {describe(model_cfg)}", f"budget: {format_bytes(memory)} ({source})")
     precision = "fp32, " if setup.precision == "fp32" else f"{setup.precision} autocast, "
     if args.scale == "batch":
         fit = fit_batch(model_cfg, setup, memory, args.tokens_per_step)
@@ -501,10 +501,10 @@ def _model_fit(args) -> int:
         for row in fit["rows"]:
             mark = ("  <- the answer" if row["batch"] == fit["batch_size"] else "")
             mark += ("  <- the largest that fits" if row["batch"] == fit["largest"] else "" if row["fits"] else "  (does not fit)")
-            print(f"{row['batch']:>7} {row['grad_accum']:>10} {_bytes(row['peak']):>15}{mark}")
+            print(f"{row['batch']:>7} {row['grad_accum']:>10} {format_bytes(row['peak']):>15}{mark}")
         print(f"\nfits: micro-batch {fit['batch_size']} per process x grad-accum {fit['grad_accum']}"
               f"{f' x {setup.processes} processes' if setup.processes > 1 else ''} = {fit['tokens_per_step']:,} tokens a "
-              f"step (asked {fit['asked_tokens_per_step']:,}), predicted {_bytes(fit['peak'])} of {_bytes(memory)}")
+              f"step (asked {fit['asked_tokens_per_step']:,}), predicted {format_bytes(fit['peak'])} of {format_bytes(memory)}")
         if fit["largest"] > fit["batch_size"]:
             _say(args, f"(micro-batches up to {fit['largest']} fit: ask more with --tokens-per-step)")
     else:
@@ -515,10 +515,10 @@ def _model_fit(args) -> int:
             mark = ("  <- the largest that fits" if row["size"] == fit["size"] else "" if row["fits"] else "  (does not fit)")
             mark += "  (the config's)" if row["config"] else ""
             heads = f"{row['n_head']}/{row['n_kv_head']}" if row["n_kv_head"] != row["n_head"] else str(row["n_head"])
-            print(f"{row['n_layer']:>7} {row['d_model']:>7} {heads:>6} {row['d_ff']:>6} {_count(row['parameters']):>9} "
-                  f"{_bytes(row['peak']):>15}{mark}")
-        print(f"\nfits: {fit['n_layer']} layers x {fit['d_model']}, {_count(fit['parameters'])} parameters, "
-              f"predicted {_bytes(fit['peak'])} of {_bytes(memory)}")
+            print(f"{row['n_layer']:>7} {row['d_model']:>7} {heads:>6} {row['d_ff']:>6} {format_count(row['parameters']):>9} "
+                  f"{format_bytes(row['peak']):>15}{mark}")
+        print(f"\nfits: {fit['n_layer']} layers x {fit['d_model']}, {format_count(fit['parameters'])} parameters, "
+              f"predicted {format_bytes(fit['peak'])} of {format_bytes(memory)}")
     print("  " + (" ".join(fit["overrides"]) or "(the config as it is)"))
     return 0
 

@@ -23,7 +23,7 @@ import torch
 
 from gptlab.config import ModelConfig
 from gptlab.errors import GptlabError
-from gptlab.model.info import TrainingSetup, _bytes, memory_parts
+from gptlab.model.info import TrainingSetup, format_bytes, memory_parts
 
 SCALES = ("batch", "depth", "width", "both")
 TRY = "try --checkpointing, --precision bf16, --optimizer muon or a smaller model"
@@ -58,8 +58,8 @@ def fit_batch(model_cfg: ModelConfig, setup: TrainingSetup, memory: int, tokens_
         # of the largest micro-batch
         batch = next((b for b in range(batch, math.ceil(largest * 2 / 3) - 1, -1) if sequences % b == 0), batch)
     else:
-        raise GptlabError(f"nothing fits in {_bytes(memory)}: a micro-batch of 1 x {context:,} tokens needs "
-                          f"{_bytes(peak(1))} (predicted)", TRY)
+        raise GptlabError(f"nothing fits in {format_bytes(memory)}: a micro-batch of 1 x {context:,} tokens needs "
+                          f"{format_bytes(peak(1))} (predicted)", TRY)
     sizes = sorted({*_doublings(lambda b: peak(b) <= memory), batch, largest, largest + 1})
     rows = [{"batch": b, "grad_accum": accum(b), "peak": peak(b), "fits": peak(b) <= memory} for b in sizes]
     return {
@@ -105,9 +105,9 @@ def fit_model(model_cfg: ModelConfig, setup: TrainingSetup, memory: int, scale: 
 
     if not row(1)["fits"]:
         smallest = row(1)
-        raise GptlabError(f"nothing fits in {_bytes(memory)}: the smallest model ({smallest['n_layer']} layer"
+        raise GptlabError(f"nothing fits in {format_bytes(memory)}: the smallest model ({smallest['n_layer']} layer"
                           f"{'s' if smallest['n_layer'] > 1 else ''} x "
-                          f"{smallest['d_model']}) needs {_bytes(smallest['peak'])} at micro-batch {setup.batch_size} "
+                          f"{smallest['d_model']}) needs {format_bytes(smallest['peak'])} at micro-batch {setup.batch_size} "
                           "(predicted)", TRY.replace("a smaller model", "a smaller --batch-size"))
     largest = _largest(lambda k: row(k)["fits"], 1)
     rows = [row(k) for k in sorted({own, *range(max(1, largest - 2), largest + 3)})]

@@ -69,6 +69,7 @@ import tomllib
 from gptlab.config import Config, allows_none, apply_overrides, config_from_dict, config_to_dict, describe_keys
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_text
+from gptlab.model.info import format_count
 
 SPEC_KEYS = ("name", "out", "base", "sampler", "trials", "objective", "budget", "max_memory", "pruner", "seed",
              "storage", "config", "space")
@@ -389,10 +390,6 @@ def parameter_count(cfg: Config) -> int:
         model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
     with torch.device("meta"):  # shapes only
         return GPT(model_cfg).num_params()
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
 def gib(n: float) -> str:
@@ -791,7 +788,7 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
             for key, value in {"run_dir": str(run_dir), "predicted_memory": point["predicted"],
                                "parameters": point["parameters"], "worker": f"{socket.gethostname()}:{os.getpid()}"}.items():
                 trial.set_user_attr(key, value)
-            say(f"trial {trial.number:>4}  starts   {describe_params(params)}  ({_count(point['parameters'])} "
+            say(f"trial {trial.number:>4}  starts   {describe_params(params)}  ({format_count(point['parameters'])} "
                 f"parameters, predicted {gib(point['predicted'])}) -> {spec.out / run_dir}")
             try:
                 cfg.train.data_dir = str(prepare_trial_data(cfg, spec.out, say, verbose))

@@ -333,12 +333,12 @@ def format_model_info(info: dict, title: str, cfg: ModelConfig) -> str:
     rows = [
         f"{title}: {describe(cfg)}",
         "",
-        f"parameters          {_count(info['parameters']):>10}   "
-        f"(embedding {_count(info['embedding_parameters'])}, non-embedding {_count(info['non_embedding_parameters'])}"
-        + (f"; {_count(info['active_parameters'])} a token goes through" if info["active_parameters"] != info["parameters"] else "")
+        f"parameters          {format_count(info['parameters']):>10}   "
+        f"(embedding {format_count(info['embedding_parameters'])}, non-embedding {format_count(info['non_embedding_parameters'])}"
+        + (f"; {format_count(info['active_parameters'])} a token goes through" if info["active_parameters"] != info["parameters"] else "")
         + ")",
-        f"FLOPs per token     {_count(info['flops_per_token']):>10}   (training: forward + backward, 6N + attention)",
-        f"FLOPs per step      {_count(info['flops_per_step']):>10}   "
+        f"FLOPs per token     {format_count(info['flops_per_token']):>10}   (training: forward + backward, 6N + attention)",
+        f"FLOPs per step      {format_count(info['flops_per_step']):>10}   "
         f"(batch {info['batch_size']} x {info['context_length']} = {info['tokens_per_step']:,} tokens)",
         "",
         f"training memory: {describe_setup(setup, info['context_length'])}",
@@ -358,18 +358,18 @@ def format_model_info(info: dict, title: str, cfg: ModelConfig) -> str:
     for key, label in labels.items():
         if key == "loss" and not any(mem[p]["loss"] for p in precisions):
             continue
-        rows.append(f"  {label:<26}" + "".join(f"{_bytes(mem[p][key]):>15}" for p in precisions))
+        rows.append(f"  {label:<26}" + "".join(f"{format_bytes(mem[p][key]):>15}" for p in precisions))
     return "\n".join(rows)
 
 
-def _count(n: float) -> str:
+def format_count(n: float) -> str:
     for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:.0f}"
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
