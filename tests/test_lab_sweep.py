@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -235,3 +236,18 @@ def test_two_workers_share_one_study(tmp_path, tiny_corpus):
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers trained
     assert sorted(t.user_attrs["run_dir"] for t in trials) == [f"trials/{n:04d}" for n in range(4)]
     assert len({t.params["train.lr"] for t in trials}) == 4
+
+
+SWEEP_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "sweeps").glob("*.toml"))
+
+
+@pytest.mark.parametrize("recipe", SWEEP_RECIPES, ids=lambda p: p.name)
+def test_sweep_recipes_check_and_price_their_space(recipe, tmp_path, monkeypatch):
+    """The worked example's spec stays valid: its base and keys read, and the memory filter splits its space."""
+    monkeypatch.chdir(tmp_path)  # its out folder is relative to where it runs
+    spec = load_spec(recipe)
+    points = candidates(spec)
+    fitting = [p for p in points if p["reason"] is None]
+    assert fitting and len(fitting) < len(points)  # the budget matters: some configurations are skipped
+    assert all(p["predicted"] <= spec.max_memory for p in fitting)
+    assert all("budget" in p["reason"] for p in points if p not in fitting)
