@@ -53,6 +53,9 @@ SHAPES = {
                        "position": "rope", "mlp": "swiglu", "bias": False, "tie_embeddings": True}, 4, 512),
     "mid-70m": (None, {"n_layer": 12, "d_model": 640, "n_head": 10, "vocab_size": 16384, "norm": "layernorm",
                        "position": "learned", "mlp": "gelu", "bias": True, "tie_embeddings": True}, 2, 512),
+    # the sweep's best (recipes/sweeps/defaultgpt-2gb.toml, trial 8): wide and shallow, 8 heads of 16
+    "defaultgpt-2x384": ("defaultgpt-0.5m", {"n_layer": 2, "d_model": 384, "n_head": 8, "n_kv_head": 2, "d_ff": None,
+                                             "vocab_size": 4096}, 16, 512),
     "gpt2-124m-256": ("gpt2-124m", {}, 2, 256),
     "gpt2-124m-1024": ("gpt2-124m", {}, 1, 1024),
 }

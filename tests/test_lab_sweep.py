@@ -126,6 +126,7 @@ def test_grid_sweep_trains_each_point_that_fits_as_a_run_directory(tmp_path, tin
     skipped = [t for t in study.get_trials() if t.state.name == "PRUNED"]
     assert len(done) == 2 and len(skipped) == 2
     assert all("GiB > budget" in t.user_attrs["skipped"] and "run_dir" not in t.user_attrs for t in skipped)
+    assert all(t.user_attrs["predicted_memory"] > 10**9 for t in skipped)  # the report lists what they needed
     for t in done:
         run = tmp_path / "sweep" / t.user_attrs["run_dir"]
         assert t.user_attrs["run_dir"] == f"trials/{t.number:04d}" and (run / "summary.json").is_file()

@@ -777,6 +777,8 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
             reason = duplicate or point["reason"]
             if reason:
                 trial.set_user_attr("skipped", reason)
+                if point["predicted"] is not None:
+                    trial.set_user_attr("predicted_memory", point["predicted"])
                 study.tell(trial, state=TrialState.PRUNED)
                 say(f"trial {trial.number:>4}  skipped  {describe_params(params)}  ({reason})")
                 continue
