@@ -252,3 +252,21 @@ def test_sweep_recipes_check_and_price_their_space(recipe, tmp_path, monkeypatch
     assert fitting and len(fitting) < len(points)  # the budget matters: some configurations are skipped
     assert all(p["predicted"] <= spec.max_memory for p in fitting)
     assert all("budget" in p["reason"] for p in points if p not in fitting)
+
+
+@pytest.mark.slow
+def test_a_resumed_grid_point_is_not_run_twice_and_no_point_is_lost(tmp_path, tiny_corpus):
+    spec = load_spec(write_spec(tmp_path, tiny_corpus, {"model.n_layer": [1, 2]}))
+    spec.out.mkdir(parents=True)
+    (spec.out / "spec.toml").write_text(spec.path.read_text())
+    study = open_study(spec, heartbeat=1, grace=2)
+    trial = study.ask()  # a worker took one grid point and died before it finished
+    params, _ = _sample(spec, trial)
+    trial.set_user_attr("run_dir", "trials/0000")
+    study._storage.record_heartbeat(trial._trial_id)
+    time.sleep(2.5)
+
+    study = run_sweep(spec, quiet=True, report=False, heartbeat=1, grace=2)["study"]
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["model.n_layer"] for t in done) == [1, 2]  # each point once, the retried one included
+    assert study.trials[1].params == params and study.trials[1].system_attrs["failed_trial"] == 0

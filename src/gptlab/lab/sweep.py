@@ -499,6 +499,19 @@ def _grid_sampler_class():
         def after_trial(self, study, trial, state, values) -> None:
             pass
 
+        def before_trial(self, study, trial) -> None:
+            # a retry of a dead or interrupted worker's trial runs that trial's point: it takes its grid id
+            # (GridSampler would give it an unvisited one, which then never runs, and run this point twice)
+            first = trial.system_attrs.get("failed_trial")
+            if first is not None and "grid_id" not in trial.system_attrs:
+                original = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+                    study._study_id, first))
+                if "grid_id" in original.system_attrs:
+                    for key in ("search_space", "grid_id"):
+                        study._storage.set_trial_system_attr(trial._trial_id, key, original.system_attrs[key])
+                    return
+            super().before_trial(study, trial)
+
     return Grid
 
 
@@ -690,10 +703,14 @@ def _trial_process(job: dict, conn) -> None:
         from gptlab.train import train
 
         summary = train(cfg, resume=job["resume"], on_step=on_step, on_eval=on_eval, verbose=job["verbose"])
-        conn.send({"summary": summary, **over})
+        message = {"summary": summary, **over}
     except BaseException as e:  # noqa: BLE001 - whatever it was, the sweep records it and goes on
-        message = " ".join(str(e).split()) or type(e).__name__
-        conn.send({"error": message if isinstance(e, GptlabError) else f"{type(e).__name__}: {message}"})
+        text = " ".join(str(e).split()) or type(e).__name__
+        message = {"error": text if isinstance(e, GptlabError) else f"{type(e).__name__}: {text}"}
+    try:
+        conn.send(message)
+    except OSError:  # the worker is gone (Ctrl-C reached both): the run directory has the trial's checkpoint
+        pass
     finally:
         conn.close()
 
