@@ -81,6 +81,20 @@ def test_the_command_exits_2_with_one_line(tmp_path, tiny_corpus, capsys):
     assert len(err.splitlines()) == 1 and "did you mean 'model.n_layer'" in err
 
 
+@pytest.mark.parametrize("content, words", [
+    (b"sampler = grid\n", "is not valid TOML"),  # a string without quotes
+    (b"\x00\xff\x89PNG binary", "is not valid TOML"),
+])
+def test_a_spec_that_is_not_toml_is_one_line(tmp_path, content, words, capsys):
+    path = tmp_path / "spec.toml"
+    path.write_bytes(content)
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err
+    assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
+    assert "sweep spec not found" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- the memory filter
 
 

@@ -98,7 +98,7 @@ def run_recipe(path: str | Path, overrides: list[str] | None = None, progress: b
 def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     """Run every stage not yet done for `cfg`; returns {"train": summary, "samples": [...]}."""
     from gptlab.data import prepare_data
-    from gptlab.runs import checkpoint_dirs
+    from gptlab.runs import checkpoint_dirs, finished_summary
     from gptlab.train import train
 
     run_dir, data_dir = Path(cfg.train.run_dir), Path(cfg.data.out_dir)
@@ -110,7 +110,7 @@ def run_pipeline(cfg: Config, progress: bool = True) -> dict:
     say(f"[2/4] data: {data_dir}")
     prepare_data(cfg, tokenizer_path, progress=progress)
 
-    finished = _finished_summary(run_dir)
+    finished = finished_summary(run_dir)
     if finished:
         say(f"[3/4] train: {run_dir} is already trained ({finished['stopped']}, {finished['steps']} steps); "
             f"to train again, delete it or choose another run directory")
@@ -203,12 +203,6 @@ def _diff(saved: dict, wanted: dict, prefix: str) -> list[str]:
     return out
 
 
-def _finished_summary(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    return None if summary.get("stopped") == "interrupted" else summary
 
 
 def _last_step(run_dir: Path) -> int:

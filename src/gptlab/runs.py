@@ -276,6 +276,16 @@ def write_status(run_dir: str | Path, state: str, **details) -> None:
     atomic_write_json(Path(run_dir) / STATUS, status)
 
 
+def finished_summary(run_dir: str | Path) -> dict | None:
+    """The run's summary.json if its training ended (a limit, early stopping, pruned...), None if it has none
+    or was interrupted (it is to be resumed)."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return None if summary.get("stopped") == "interrupted" else summary
+
+
 def run_status(run_dir: str | Path) -> dict:
     """{"state": "training" | "finished" | "stopped" | "new", ...} from the run's files.
 

@@ -153,10 +153,7 @@ def load_spec(path: str | Path, trials: int | None = None, max_memory: str | Non
     path = Path(path)
     if not path.is_file():
         raise GptlabError(f"sweep spec not found: {path}", "give the TOML file that describes the sweep")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise GptlabError(f"sweep spec {path} is not valid TOML: {e}") from None
+    raw = _read_toml(path, f"sweep spec {path}")
     for key in raw:
         if key not in SPEC_KEYS:
             close = difflib.get_close_matches(key, SPEC_KEYS, n=1)
@@ -203,6 +200,13 @@ def load_spec(path: str | Path, trials: int | None = None, max_memory: str | Non
                 base_raw=base_raw, base=base)
 
 
+def _read_toml(path: Path, what: str) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise GptlabError(f"{what} is not valid TOML: {e}", "fix the file (TOML: key = value, [section])") from None
+
+
 def _one_of(value, allowed: tuple, what: str) -> str:
     if value not in allowed:
         raise GptlabError(f"sweep spec: {what} = {value!r} is not known", f"choose one of: {', '.join(allowed)}")
@@ -220,10 +224,7 @@ def _base_raw(path: Path, raw: dict, budget: dict, overrides: list) -> dict:
         file = path.parent / raw["base"]
         if not file.is_file():
             raise GptlabError(f"sweep spec: base config not found: {file}", "base is relative to the spec file")
-        try:
-            base = tomllib.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise GptlabError(f"sweep spec: base {file} is not valid TOML: {e}") from None
+        base = _read_toml(file, f"sweep spec: base {file}")
     extra = raw.get("config", {})
     if not isinstance(extra, dict):
         raise GptlabError("sweep spec: [config] must be a table of config sections")
@@ -769,7 +770,7 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
     import optuna
     from optuna.trial import TrialState
 
-    from gptlab.runs import checkpoint_dirs
+    from gptlab.runs import checkpoint_dirs, finished_summary
 
     say = _say(quiet)
     study = open_study(spec, heartbeat, grace)
@@ -817,7 +818,7 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
             cfg.train.run_dir = str(spec.out / run_dir)
             if cfg.train.threads == 0:
                 cfg.train.threads = threads
-            finished = _finished(spec.out / run_dir)
+            finished = finished_summary(spec.out / run_dir)
             beat = optuna.storages._heartbeat.get_heartbeat_thread(trial._trial_id, study._storage)
             beat.start()
             started = time.time()
@@ -841,12 +842,6 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
     return trained
 
 
-def _finished(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    return None if summary.get("stopped") == "interrupted" else summary
 
 
 @contextlib.contextmanager
