@@ -774,7 +774,9 @@ def work(spec: Spec, target: int, grid_points: int, threads: int, quiet: bool = 
 
     say = _say(quiet)
     study = open_study(spec, heartbeat, grace)
-    if study.trials or worker:  # workers, and runs that continue a study, each draw their own points
+    # workers, and runs that continue a study, each draw their own points; never the grid: its seed also shuffles
+    # the grid's order, and a grid id must name the same point in every worker
+    if (study.trials or worker) and spec.sampler != "grid":
         mix = f"{spec.seed}:{len(study.trials)}:{worker}:{socket.gethostname()}:{os.getpid()}"
         study.sampler = _sampler(spec, seed=int(hashlib.sha1(mix.encode()).hexdigest()[:8], 16))
     trained = 0
