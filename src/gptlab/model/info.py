@@ -188,7 +188,7 @@ def setup_for(cfg: Config, device: str | None = None) -> TrainingSetup:
 
 def memory_parts(cfg: ModelConfig, setup: TrainingSetup, model=None) -> dict[str, int]:
     """Bytes one training process holds, by part, and its peak ("total"), for `setup`: what a memory budget
-    must hold, the process itself ("process": Python and PyTorch, or the CUDA context) included.
+    must hold, the process itself ("process": Python, PyTorch and the trainer, or the CUDA context) included.
 
     CPU, AdamW, eager, one process: the formula benchmarks/MEMORY.md measured (within 12% on 20 shapes). The
     peak comes at the end of a forward pass after the first step (weights, optimizer state, activations and
