@@ -365,32 +365,20 @@ def trial_config(spec: Spec, params: dict) -> Config:
 
 def price(spec: Spec, params: dict) -> dict:
     """{"params", "config", "predicted", "parameters", "reason"}: reason is why it is skipped (None: it fits)."""
-    from gptlab.model.info import training_memory
+    from gptlab.model.info import planned_model, training_memory
 
     point = {"params": params, "config": None, "predicted": None, "parameters": None, "reason": None}
     try:
         cfg = point["config"] = trial_config(spec, params)
-        point["predicted"] = training_memory(cfg)["total"]
-        point["parameters"] = parameter_count(cfg)
+        planned = planned_model(cfg)  # built once (on "meta"): its parameters and its memory
+        point["predicted"] = training_memory(cfg, planned=planned)["total"]
+        point["parameters"] = planned[1].num_params()
     except GptlabError as e:
         point["reason"] = str(e).removeprefix("config: ")
         return point
     if point["predicted"] > spec.max_memory:
         point["reason"] = f"predicted {gib(point['predicted'])} > budget {gib(spec.max_memory)}"
     return point
-
-
-def parameter_count(cfg: Config) -> int:
-    import torch
-
-    from gptlab.model.gpt import GPT
-    from gptlab.tokenizer import planned_vocab_size
-
-    model_cfg = cfg.model
-    if model_cfg.vocab_size is None:
-        model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
-    with torch.device("meta"):  # shapes only
-        return GPT(model_cfg).num_params()
 
 
 def gib(n: float) -> str:

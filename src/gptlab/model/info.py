@@ -294,15 +294,24 @@ def model_info(cfg: ModelConfig, batch_size: int, loss: str | None = None, setup
     }
 
 
-def training_memory(cfg: Config, device: str | None = None) -> dict[str, int]:
-    """memory_parts for the way `gptlab train` would train cfg (setup_for); model.vocab_size, when the
-    tokenizer is to decide it, is the size the [tokenizer] section asks for."""
+def planned_model(cfg: Config):
+    """(cfg's model section, the model built on "meta": shapes only, no memory), its vocabulary the size the
+    [tokenizer] section asks for when the tokenizer is to decide it."""
+    from gptlab.model.gpt import GPT
     from gptlab.tokenizer import planned_vocab_size
 
     model_cfg = cfg.model
     if model_cfg.vocab_size is None:
         model_cfg = model_cfg.model_copy(update={"vocab_size": planned_vocab_size(cfg.tokenizer)})
-    return memory_parts(model_cfg, setup_for(cfg, device))
+    with torch.device("meta"):
+        return model_cfg, GPT(model_cfg)
+
+
+def training_memory(cfg: Config, device: str | None = None, planned=None) -> dict[str, int]:
+    """memory_parts for the way `gptlab train` would train cfg (setup_for); `planned`: planned_model(cfg),
+    when the caller has built it already."""
+    model_cfg, model = planned or planned_model(cfg)
+    return memory_parts(model_cfg, setup_for(cfg, device), model)
 
 
 def describe(cfg: ModelConfig) -> str:
