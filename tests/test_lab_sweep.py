@@ -48,6 +48,18 @@ def states(study) -> list[str]:
     return [t.state.name for t in study.get_trials()]
 
 
+def run_trial_here(spec, trial, run: str, pruner: str, max_memory: int) -> dict:
+    """What a trial's child process sends back, run in this process (its data prepared, val_loss the objective)."""
+    cfg = trial_config(spec, _sample(spec, trial)[0])
+    cfg.train.data_dir = str(prepare_trial_data(cfg, spec.out, say=lambda *a, **k: None))
+    cfg.train.run_dir = str(spec.out / "trials" / run)
+    receive, send = multiprocessing.Pipe(duplex=False)
+    _trial_process({"study": spec.name, "storage": spec.storage, "pruner": pruner, "trial_id": trial._trial_id,
+                    "config": config_to_dict(cfg), "resume": False, "objective": "val_loss", "max_memory": max_memory,
+                    "verbose": False}, send)
+    return receive.recv()
+
+
 # --------------------------------------------------------------------------- the spec's checks
 
 
@@ -169,16 +181,7 @@ def test_the_pruner_stops_a_trial_worse_than_the_median(tmp_path, tiny_corpus):
     for _ in range(2):  # two finished trials far better than any 4-step model: the median to beat
         study.add_trial(optuna.trial.create_trial(params={"train.lr": 1e-3}, distributions=dist, value=0.01,
                                                   intermediate_values={2: 0.01, 4: 0.01}))
-    trial = study.ask()
-    params, _ = _sample(spec, trial)
-    cfg = trial_config(spec, params)
-    cfg.train.data_dir = str(prepare_trial_data(cfg, spec.out, say=lambda *a, **k: None))
-    cfg.train.run_dir = str(spec.out / "trials" / "0002")
-    receive, send = multiprocessing.Pipe(duplex=False)
-    _trial_process({"study": spec.name, "storage": spec.storage, "pruner": "median", "trial_id": trial._trial_id,
-                    "config": config_to_dict(cfg), "resume": False, "objective": "val_loss", "max_memory": 2**40,
-                    "verbose": False}, send)
-    result = receive.recv()
+    result = run_trial_here(spec, study.ask(), "0002", pruner="median", max_memory=2**40)
     assert result["summary"]["stopped"] == "pruned" and result["summary"]["steps"] == 2
     assert list(study.trials[2].intermediate_values) == [2]
 
@@ -187,15 +190,7 @@ def test_a_trial_over_the_memory_budget_while_training_is_stopped(tmp_path, tiny
     spec = load_spec(write_spec(tmp_path, tiny_corpus, {"model.n_layer": [1]}), max_memory="1MB")
     spec.out.mkdir(parents=True)
     study = open_study(spec)
-    trial = study.ask()
-    cfg = trial_config(spec, _sample(spec, trial)[0])
-    cfg.train.data_dir = str(prepare_trial_data(cfg, spec.out, say=lambda *a, **k: None))
-    cfg.train.run_dir = str(spec.out / "trials" / "0000")
-    receive, send = multiprocessing.Pipe(duplex=False)
-    _trial_process({"study": spec.name, "storage": spec.storage, "pruner": "none", "trial_id": trial._trial_id,
-                    "config": config_to_dict(cfg), "resume": False, "objective": "val_loss", "max_memory": 2**20,
-                    "verbose": False}, send)
-    result = receive.recv()
+    result = run_trial_here(spec, study.ask(), "0000", pruner="none", max_memory=2**20)
     assert result["summary"]["stopped"] == "out_of_memory" and result["step"] == 1 and result["used"] > 2**20
 
 
