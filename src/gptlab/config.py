@@ -365,11 +365,17 @@ class TrainConfig(Section):
     init_from: str | None = None
     """a run dir or checkpoint whose weights a new run starts from (new data or hyper-parameters, fresh optimizer)"""
     teacher: str | None = None
-    """a trained run with the same tokenizer whose next-token distributions the student also learns (logit distillation); none: off"""
+    """whose next-token distributions the student also learns (logit distillation): a trained run with the same tokenizer, or the top-k logits `gptlab distill --logits` stored for these shards; none: off"""
     distill_weight: float = Field(0.5, ge=0, le=1)
-    """loss = (1 - distill_weight) x cross-entropy + distill_weight x T^2 x KL(teacher_T || student_T)"""
+    """loss = (1 - distill_weight) x cross-entropy + distill_weight x T^2 x divergence(teacher_T, student_T)"""
     distill_temperature: float = Field(1.0, gt=0)
     """T, the temperature both distributions are softened with for the distillation loss"""
+    distill_beta: float = Field(0.0, ge=0, le=1)
+    """the divergence: 0 forward KL(teacher || student), 1 reverse KL(student || teacher), between: the generalised Jensen-Shannon divergence of GKD"""
+    distill_on_policy: float = Field(0.0, ge=0, le=1)
+    """on-policy distillation: the share of each batch's rows the student writes itself before the teacher scores them (GKD's lambda); 0: off"""
+    distill_new_tokens: int = Field(64, ge=1)
+    """on-policy rows: the student continues the window's first context_length - N real tokens with N of its own"""
     batch_size: int = Field(16, ge=1)
     """sequences a micro-step trains on, over all processes (a step: batch_size x grad_accum)"""
     grad_accum: int = Field(1, ge=1)

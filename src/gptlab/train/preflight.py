@@ -129,20 +129,28 @@ def check_splits(cfg: Config, meta: dict, data_dir: Path) -> tuple[bool, float |
 
 
 def load_teacher(cfg: Config, tokenizer, data_dir: Path, device):
-    """train.teacher's model for logit distillation: the shards' tokenizer, a context covering the student's."""
-    from gptlab.train.step import Teacher
+    """train.teacher's part of the loss (train/distillation.py): a trained run's model, beside the student, with
+    the shards' tokenizer and a context covering the student's; or the top-k logits stored for these shards."""
+    from gptlab.data.teacher_logits import is_teacher_logits
+    from gptlab.train.distillation import LiveTeacher, StoredTeacher
 
     t = cfg.train
+    if is_teacher_logits(t.teacher):
+        if t.distill_on_policy:
+            raise GptlabError(f"train.distill_on_policy needs the teacher itself to score the student's samples; "
+                              f"{t.teacher} holds stored logits", "give the teacher's run directory as train.teacher")
+        return StoredTeacher(t.distill_weight, t.distill_temperature, t.distill_beta)
     model, teacher_tokenizer, _ = runs.load_run(t.teacher, device=device)
     if teacher_tokenizer.checksum != tokenizer.checksum:
         raise GptlabError(f"train.teacher={t.teacher} has another tokenizer than the shards in {data_dir}",
-                          "logit distillation needs one tokenizer; with another, let the teacher write a corpus "
-                          "(gptlab distill) and train on that")
+                          "logit and on-policy distillation need one tokenizer; with another, let the teacher write "
+                          "a corpus (gptlab distill) and train on that")
     if model.cfg.context_length < cfg.model.context_length:
         raise GptlabError(f"train.teacher={t.teacher} reads {model.cfg.context_length} tokens, fewer than the "
                           f"student's model.context_length={cfg.model.context_length}",
                           "train the student with a context the teacher covers")
-    return Teacher(model, t.distill_weight, t.distill_temperature)
+    return LiveTeacher(model, t.distill_weight, t.distill_temperature, t.distill_beta, t.distill_on_policy,
+                       t.distill_new_tokens, t.seed)
 
 
 def data_fingerprint(meta: dict) -> str:

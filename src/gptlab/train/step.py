@@ -30,12 +30,15 @@ class TrainStep:
     `targets` (conversations, whose batches hold different numbers of targets): the micro-batches are
     weighed so that the step's loss is the mean over all the global batch's targets (GlobalTargets).
 
+    `teacher` (train/distillation.py): the loss mixes in a teacher's distributions; an on-policy teacher first
+    has the student rewrite some of each batch's rows.
+
     A model with auxiliary losses (MoE's load balancing and router z-loss) has them in its loss; their part
     of the step's loss is kept in `aux_loss` (the mean over the micro-steps; None for a model without).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 precision: str, grad_clip: float = 1.0, compile: bool = False, teacher: "Teacher | None" = None,
+                 precision: str, grad_clip: float = 1.0, compile: bool = False, teacher: "Distiller | None" = None,
                  targets: "GlobalTargets | None" = None):
         self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
         self.forward = torch.compile(model) if compile else model
@@ -52,15 +55,17 @@ class TrainStep:
         total = torch.zeros((), device=self.device)
         no_sync = getattr(self.model, "no_sync", None)  # DDP
         self.aux_loss = None
-        batches = [next_batch() for _ in range(grad_accum)]
-        weights = self.targets.weights([y for _, y in batches]) if self.targets else None
-        for i, (x, y) in enumerate(batches):
+        batches = [next_batch() for _ in range(grad_accum)]  # (x, y), or (x, y, the stored teacher's top k)
+        weights = self.targets.weights([batch[1] for batch in batches]) if self.targets else None
+        for i, (x, y, *soft) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            soft = tuple(t.to(self.device, non_blocking=True) for t in soft[0]) if soft else None
             with no_sync() if no_sync and i < grad_accum - 1 else contextlib.nullcontext():
                 with record_function("forward"), autocast(self.device, self.precision):
                     if self.teacher:
+                        x, y, written = self.teacher.rollout(self.gpt, x, y, i)  # on-policy: the student's own rows
                         logits, loss = self.forward(x, y, return_logits=True)
-                        loss = self.teacher.loss(x, y, logits, loss)
+                        loss = self.teacher.loss(x, y, logits, loss, written, soft)
                     else:
                         _, loss = self.forward(x, y)
                 loss = loss / grad_accum if weights is None else loss * weights[i]
@@ -104,25 +109,3 @@ class GlobalTargets:
         kept = torch.stack([(y != -1).sum() for y in targets]).to(self.device, torch.float32)
         total = self.reduce(kept.sum()).clamp(min=1)  # a step without a target leaves the model as it is
         return list(kept * self.world_size / total)
-
-
-class Teacher:
-    """Logit distillation: mixes the student's cross-entropy with the temperature-softened KL divergence from a
-    frozen teacher's next-token distributions (Hinton et al. 2015; T^2 keeps the gradients' scale across T)."""
-
-    def __init__(self, model: torch.nn.Module, weight: float, temperature: float):
-        self.model, self.weight, self.temperature = model.eval().requires_grad_(False), weight, temperature
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor, student_logits: torch.Tensor, cross_entropy: torch.Tensor) -> torch.Tensor:
-        """The mixed loss; the KL is averaged over the positions whose target counts (y != -1), as the
-        cross-entropy is: all of them for text, the assistant's tokens for conversations (not the user's
-        turns, nor the padding after the last conversation of a row)."""
-        with torch.no_grad():
-            teacher_logits, _ = self.model(x)
-        T = self.temperature
-        kl = torch.nn.functional.kl_div((student_logits.float() / T).log_softmax(-1),
-                                        (teacher_logits.float() / T).log_softmax(-1),
-                                        log_target=True, reduction="none").sum(-1)  # [B, T]
-        kept = y != -1
-        kl = (kl * kept).sum() / kept.sum().clamp(min=1)
-        return (1 - self.weight) * cross_entropy + self.weight * T * T * kl

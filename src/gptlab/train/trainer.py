@@ -248,6 +248,8 @@ class Trainer:
                     if stopped:
                         break
                     lr = learning_rate(t, self.step, self._progress(elapsed))
+                    if self.teacher:
+                        self.teacher.step = self.step  # seeds the student's own samples: a resumed run draws the same
                     loss, grad_norm = self.train_step(self.loader.next_batch, t.grad_accum, lr)
                     interval.add(loss, grad_norm, lr, self.train_step.aux_loss)  # loss includes aux_loss
                     self.step += 1
@@ -407,7 +409,11 @@ class Trainer:
             parts.append(f"LoRA rank {self.cfg.train.lora_rank}: {lora.trainable_parameters(self.model) / 1e6:.2f}M parameters trained")
         if self.teacher:
             t = self.cfg.train
-            parts.append(f"distilling from {t.teacher} (weight {t.distill_weight:g}, temperature {t.distill_temperature:g})")
+            divergence = {0.0: "forward KL", 1.0: "reverse KL"}.get(t.distill_beta, f"JSD beta {t.distill_beta:g}")
+            on_policy = (f", on-policy: {t.distill_on_policy:g} of the rows written by the student, {t.distill_new_tokens} tokens each"
+                         if t.distill_on_policy else "")
+            parts.append(f"distilling from {t.teacher} ({divergence}, weight {t.distill_weight:g}, temperature "
+                         f"{t.distill_temperature:g}{on_policy})")
         seconds, planned = self.expected_seconds(), self._planned_steps()
         tokens = max(planned - self.step, 0) * self.tokens_per_step if planned else seconds * self.expected_tokens_per_s()
         if planned and seconds * self.expected_tokens_per_s() < tokens:  # max_time comes first
