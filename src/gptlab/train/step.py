@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.profiler import record_function
 
 from gptlab.device import autocast
+
+if TYPE_CHECKING:
+    from gptlab.train.distillation import Distiller
 
 
 class TrainStep:
