@@ -1023,6 +1023,7 @@ def _add_distill_commands(sub) -> None:
         gptlab distill runs/big --prompts prompts.txt --out data/synthetic.jsonl --tokens 200000
         gptlab distill path/to/llama-folder --prompts stoic.txt --chat --out data/stoic.jsonl --top-p 0.9
         gptlab distill hf:HuggingFaceTB/SmolLM2-360M-Instruct --prompts stoic.txt --chat --out data/stoic.jsonl
+        gptlab distill runs/big --logits data/tinystories --top-k 16    # then: --train.teacher=data/tinystories/teacher_logits
         # then train a student on it, alone or mixed with real text:
         #   [[data.sources]]  path = "data/synthetic.jsonl"  weight = 0.5
         """,
@@ -1033,15 +1034,40 @@ def _add_distill_commands(sub) -> None:
         "OUT.partial and renamed when done; run the same command again to continue an interrupted one.",
     )
     p.add_argument("teacher", metavar="TEACHER", help="a gptlab run directory or checkpoint, a Hugging Face model folder, or hf:NAME")
-    p.add_argument("--prompts", required=True, metavar="FILE", help="prompts, one per line")
-    p.add_argument("--out", "-o", required=True, metavar="FILE", help="the JSON-lines corpus to write")
+    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
+    p.add_argument("--out", "-o", metavar="FILE", help="the JSON-lines corpus to write")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda, cuda:1 ... (default cpu)")
+    _add_logits_flags(p)
     p.set_defaults(func=_distill)
+
+
+def _add_logits_flags(p) -> None:
+    p.add_argument("--logits", metavar="DATA_DIR", help="instead of text: store the teacher's top-k log-probabilities "
+                   "at every position of this prepared folder's train split (--top-k of them, default 16), for "
+                   "gptlab train --train.teacher=DATA_DIR/teacher_logits without the teacher in memory")
+    p.add_argument("--logits-out", metavar="DIR", help="where --logits writes (default DATA_DIR/teacher_logits)")
+
+
+def _distill_logits(args) -> int:
+    from gptlab.distill.logits import write_teacher_logits
+
+    settings = _config(args).distill
+    r = write_teacher_logits(args.teacher, args.logits, args.logits_out, settings.top_k or 16, settings.batch_size,
+                             args.device, verbose=not args.quiet)
+    again = f" (continued from position {r['resumed_at']:,})" if r["resumed_at"] else ""
+    print(f"wrote the top {r['k']} log-probabilities of {r['teacher']} at {r['positions']:,} positions to {r['out']}"
+          f"{again}: {r['bytes'] / 1e6:,.1f} MB ({r['bytes'] / r['positions']:.0f} bytes a token) in {r['seconds']:.0f} s")
+    print(f"train from them with --train.teacher={r['out']}")
+    return 0
 
 
 def _distill(args) -> int:
     from gptlab.distill import distill_corpus, load_teacher, read_prompts
 
+    if args.logits:
+        return _distill_logits(args)
+    if not (args.prompts and args.out):
+        raise GptlabError("gptlab distill needs --prompts FILE and --out FILE", "or --logits DATA_DIR to store the teacher's logits")
     settings = _config(args).distill
     prompts = read_prompts(args.prompts)
     r = distill_corpus(load_teacher(args.teacher, args.device), prompts, args.out, settings, verbose=not args.quiet)

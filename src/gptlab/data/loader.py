@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ import torch
 from gptlab.data.meta import split_shards
 from gptlab.data.shards import read_shard
 from gptlab.errors import GptlabError
+
+if TYPE_CHECKING:
+    from gptlab.data.teacher_logits import TeacherLogits
 
 STATE_VERSION = 1
 
@@ -99,6 +102,8 @@ class BatchLoader(ResumableLoader):
         each epoch, otherwise split order (llm.c's loader). The window stream
         runs on across epochs, so a batch may straddle two epochs and no
         window is ever dropped.
+    teacher_logits (data/teacher_logits.TeacherLogits): each batch also carries the stored teacher's top k at
+        the positions of its windows, for logit distillation without the teacher (train.teacher).
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class BatchLoader(ResumableLoader):
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        teacher_logits: "TeacherLogits | None" = None,
     ):
         if mode not in ("random", "sequential"):
             raise GptlabError(f"unknown loader mode {mode!r}", "use 'random' or 'sequential'")
@@ -121,6 +127,10 @@ class BatchLoader(ResumableLoader):
         self.tokens.require_window(seq_len)
         self.batch_size, self.seq_len, self.seed, self.mode = batch_size, seq_len, seed, mode
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.teacher_logits = teacher_logits
+        if teacher_logits is not None and len(teacher_logits) != len(self.tokens):
+            raise GptlabError(f"{teacher_logits.folder} holds {len(teacher_logits):,} rows for a train split of "
+                              f"{len(self.tokens):,} tokens", "write the logits again for these shards (gptlab distill --logits)")
         self.num_windows = (len(self.tokens) - 1) // seq_len  # sequential mode's windows per epoch
         self.step = 0
         self._orders: dict[int, np.ndarray] = {}
@@ -130,10 +140,15 @@ class BatchLoader(ResumableLoader):
         """How many times the split's tokens have been drawn, summed over all ranks."""
         return self.step * self.batch_size * self.world_size * self.seq_len / len(self.tokens)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple:
+        """(x, y), or (x, y, (ids, log-probabilities)) with stored teacher logits: the teacher's top k at every
+        position of x, [B, T, k] each."""
         starts = self._random_starts() if self.mode == "random" else self._sequential_starts()
         self.step += 1
-        return self.tokens.windows(starts, self.seq_len)
+        x, y = self.tokens.windows(starts, self.seq_len)
+        if self.teacher_logits is None:
+            return x, y
+        return x, y, self.teacher_logits.windows(starts, self.seq_len)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -135,10 +135,8 @@ def load_teacher(cfg: Config, tokenizer, data_dir: Path, device):
     from gptlab.train.distillation import LiveTeacher, StoredTeacher
 
     t = cfg.train
-    if is_teacher_logits(t.teacher):
-        if t.distill_on_policy:
-            raise GptlabError(f"train.distill_on_policy needs the teacher itself to score the student's samples; "
-                              f"{t.teacher} holds stored logits", "give the teacher's run directory as train.teacher")
+    if is_teacher_logits(t.teacher):  # checked against the shards by stored_teacher_logits, which reads them
+        _refuse_on_policy(t)
         return StoredTeacher(t.distill_weight, t.distill_temperature, t.distill_beta)
     model, teacher_tokenizer, _ = runs.load_run(t.teacher, device=device)
     if teacher_tokenizer.checksum != tokenizer.checksum:
@@ -151,6 +149,40 @@ def load_teacher(cfg: Config, tokenizer, data_dir: Path, device):
                           "train the student with a context the teacher covers")
     return LiveTeacher(model, t.distill_weight, t.distill_temperature, t.distill_beta, t.distill_on_policy,
                        t.distill_new_tokens, t.seed)
+
+
+def stored_teacher_logits(t: TrainConfig, meta: dict, data_dir: Path):
+    """train.teacher's stored top-k logits (data/teacher_logits.TeacherLogits), checked against the shards they
+    are read beside; None when train.teacher is not such a folder (none, or a run)."""
+    from gptlab.data.conversations import is_chat_data
+    from gptlab.data.teacher_logits import PROGRESS_FILE, TeacherLogits, is_teacher_logits
+
+    if not t.teacher:
+        return None
+    if not is_teacher_logits(t.teacher):
+        if (Path(t.teacher) / PROGRESS_FILE).is_file():
+            raise GptlabError(f"the teacher logits in {t.teacher} are not finished (their writing stopped)",
+                              "run the same gptlab distill --logits command again: it continues where it stopped")
+        return None
+    _refuse_on_policy(t)
+    redo = f"write them for these shards: gptlab distill TEACHER --logits {data_dir}"
+    if is_chat_data(meta):
+        raise GptlabError(f"stored teacher logits (train.teacher={t.teacher}) cover plain text shards, and {data_dir} "
+                          "holds conversations", "give the teacher's run directory as train.teacher")
+    logits = TeacherLogits(t.teacher)
+    if logits.info["tokenizer_checksum"] != meta["tokenizer_checksum"]:
+        raise GptlabError(f"the teacher logits in {t.teacher} were written with another tokenizer than the shards in "
+                          f"{data_dir}", redo)
+    if logits.info["data_fingerprint"] != data_fingerprint(meta):
+        raise GptlabError(f"the teacher logits in {t.teacher} were written for other shards ({logits.info['data_dir']}) "
+                          f"than the ones in {data_dir}", redo)
+    return logits
+
+
+def _refuse_on_policy(t: TrainConfig) -> None:
+    if t.distill_on_policy:
+        raise GptlabError(f"train.distill_on_policy needs the teacher itself to score the student's samples; "
+                          f"{t.teacher} holds stored logits", "give the teacher's run directory as train.teacher")
 
 
 def data_fingerprint(meta: dict) -> str:

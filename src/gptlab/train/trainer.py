@@ -161,10 +161,12 @@ class Trainer:
         # self.model is the GPT (sharded in place under FSDP); self.wrapped is what the training step runs.
         self.wrapped = dist.wrap(self.model, self.precision)
         self.optimizer = build_optimizer(self.model, t, self.device)
-        # Each rank draws its slice of every global batch of t.batch_size rows.
+        # Each rank draws its slice of every global batch of t.batch_size rows (with stored teacher logits: and
+        # the teacher's top k at its positions).
         self.loader = training_loader(self.data_dir, split="train", batch_size=t.batch_size // dist.world_size,
                                   seq_len=cfg.model.context_length, seed=t.seed, mode=t.loader,
-                                  rank=dist.rank, world_size=dist.world_size)
+                                  rank=dist.rank, world_size=dist.world_size,
+                                  teacher_logits=preflight.stored_teacher_logits(t, self.meta, self.data_dir))
         self.tokens_per_step = t.batch_size * t.grad_accum * cfg.model.context_length
         about = {"model": config_to_dict(cfg.model), "tokenizer_checksum": self.tokenizer.checksum,
                  "data_fingerprint": preflight.data_fingerprint(self.meta), **({"lora_rank": t.lora_rank} if t.lora_rank else {})}
