@@ -72,11 +72,11 @@ def _toml_value(text: str):
     return parse_override(f"--v={text}")[1]
 
 
-def _add_aliases(p: argparse.ArgumentParser, command: str) -> None:
-    """The command's flags from ALIASES; kind, choices and help come from the schema."""
+def _add_aliases(p: argparse.ArgumentParser, command: str, table: dict[str, str] | None = None) -> None:
+    """The command's flags from ALIASES (or `table`, flags shared by commands); kind, choices and help come from the schema."""
     from typing import Literal, get_args, get_origin
 
-    for flags, setting in ALIASES.get(command, {}).items():
+    for flags, setting in (ALIASES.get(command, {}) if table is None else table).items():
         key, _, const = setting.partition("=")
         section, name = key.split(".")
         field = Config.model_fields[section].annotation.model_fields[name]
@@ -1038,6 +1038,7 @@ def _add_distill_commands(sub) -> None:
     p.add_argument("--out", "-o", metavar="FILE", help="the JSON-lines corpus to write")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda, cuda:1 ... (default cpu)")
     _add_logits_flags(p)
+    _add_filter_flags(p, "; with any on, OUT gets the kept samples and OUT.unfiltered.jsonl the teacher's")
     p.set_defaults(func=_distill)
 
 
@@ -1070,12 +1071,90 @@ def _distill(args) -> int:
         raise GptlabError("gptlab distill needs --prompts FILE and --out FILE", "or --logits DATA_DIR to store the teacher's logits")
     settings = _config(args).distill
     prompts = read_prompts(args.prompts)
-    r = distill_corpus(load_teacher(args.teacher, args.device), prompts, args.out, settings, verbose=not args.quiet)
+    raw, reference = _filters_before_distill(args)  # the filters' settings checked before the teacher writes
+    r = distill_corpus(load_teacher(args.teacher, args.device), prompts, raw, settings, verbose=not args.quiet)
     again = f" (continued from sample {r['resumed_at_record']:,})" if r["resumed_at_record"] else ""
     print(f"wrote {r['records']:,} samples, {r['tokens']:,} tokens from {r['teacher']} to {r['out']}{again} "
           f"in {r['seconds']:.0f} s ({r['tokens_per_s'] or 0:,.0f} tokens/s)")
-    print(f'train on it with a [[data.sources]] entry: path = "{r["out"]}"')
+    _filters_after_distill(args, raw, reference)
+    print(f'train on it with a [[data.sources]] entry: path = "{args.out}"')
     return 0
+
+
+# --------------------------------------------------------------------------- filter
+
+# The filters' flags, on `gptlab filter` and `gptlab distill` alike (kind and help from the schema's [filter]).
+FILTER_FLAGS = {"--dedup": "filter.dedup", "--near-threshold": "filter.near_threshold", "--min-tokens": "filter.min_tokens",
+                "--max-tokens": "filter.max_tokens", "--reference": "filter.reference", "--perplexity": "filter.perplexity",
+                "--report": "filter.report"}
+
+
+def _add_filter_flags(p, note: str = "") -> None:
+    _add_aliases(p.add_argument_group(f"filters (exact -> near duplicates -> length -> perplexity{note}; `gptlab config filter`)"),
+                 "filter", FILTER_FLAGS)
+
+
+def _add_filter_commands(sub) -> None:
+    p = _parser(
+        sub,
+        "filter",
+        "clean a synthetic corpus: duplicates, lengths, a reference model's perplexity; report what each filter removed",
+        """
+        gptlab filter data/synthetic.jsonl --out data/clean.jsonl
+        gptlab filter data/synthetic.jsonl --out data/clean.jsonl --dedup exact --min-tokens 20 --max-tokens 512
+        gptlab filter data/synthetic.jsonl --out data/clean.jsonl --reference runs/real --perplexity p5:p95
+        gptlab filter data/synthetic.jsonl --out data/clean.jsonl --reference runs/real --perplexity :60 --report reports/clean.md
+        gptlab distill runs/big --prompts prompts.txt --out data/synthetic.jsonl --dedup near --min-tokens 16
+        """,
+        description="Reads a JSON-lines corpus ({text, ...} per line, as gptlab distill writes it) and writes the samples "
+        "that pass every filter, in order: exact duplicates (case and whitespace ignored), near duplicates (word 5-gram "
+        "Jaccard >= --near-threshold, MinHash LSH), length (the records' \"tokens\", else words), and the perplexity of "
+        "each text under a --reference run (LOW:HIGH: numbers, or percentiles of the corpus's own as p5:p95). "
+        "gptlab filter de-duplicates (near) unless --dedup says otherwise; gptlab distill filters only when asked, "
+        "keeping the teacher's raw corpus as OUT.unfiltered.jsonl. A markdown report (and its JSON summary) of what "
+        "each filter removed goes beside the output, OUT.report.md, or to --report.",
+    )
+    p.add_argument("corpus", metavar="CORPUS", help="the JSON-lines corpus to filter")
+    p.add_argument("--out", "-o", required=True, metavar="FILE", help="the filtered corpus to write")
+    p.add_argument("--device", default="cpu", metavar="DEV", help="where the reference scores: cpu, cuda, ... (default cpu)")
+    _add_filter_flags(p)
+    p.set_defaults(func=_filter)
+
+
+def _filter(args) -> int:
+    from gptlab.distill.filters import filter_corpus
+
+    settings = _config(args, base={"filter": {"dedup": "near"}}).filter
+    summary = filter_corpus(args.corpus, args.out, settings, device=args.device, verbose=not args.quiet)
+    print(summary["paragraph"])
+    return 0
+
+
+def _filters_before_distill(args):
+    """(where the teacher writes, the loaded reference or None): OUT itself when no filter is on, else
+    OUT.unfiltered.jsonl, which is kept beside the filtered OUT."""
+    from pathlib import Path
+
+    from gptlab.distill import filters
+
+    settings = _config(args).filter
+    if not filters.active(settings):
+        return args.out, None
+    bounds = filters.check_settings(settings)
+    raw = filters.unfiltered_path(args.out)
+    if Path(args.out).exists():
+        raise GptlabError(f"{args.out} already exists", "choose another --out, or delete it to write it again")
+    if raw.exists():
+        raise GptlabError(f"{raw} already exists (an earlier run's unfiltered corpus)",
+                          f"filter it with gptlab filter {raw} --out {args.out}, or delete it to write it again")
+    return raw, filters.Reference(settings.reference, args.device) if bounds else None
+
+
+def _filters_after_distill(args, raw, reference) -> None:
+    from gptlab.distill.filters import filter_corpus
+
+    if str(raw) != str(args.out):
+        print(filter_corpus(raw, args.out, _config(args).filter, reference=reference, verbose=not args.quiet)["paragraph"])
 
 
 def _add_bench_commands(sub) -> None:
@@ -1338,7 +1417,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gptlab {__import__('gptlab').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_tokenizer_commands, _add_data_commands, _add_model_commands, _add_train_commands,
-                _add_sft_commands, _add_evaluate_commands, _add_distill_commands, _add_bench_commands, _add_speedrun_commands,
+                _add_sft_commands, _add_evaluate_commands, _add_distill_commands, _add_filter_commands, _add_bench_commands, _add_speedrun_commands,
                 _add_export_commands, _add_sweep_commands, _add_config_commands):
         add(sub)
     return parser

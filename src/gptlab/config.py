@@ -598,6 +598,31 @@ class DistillConfig(Section):
     """wrap each prompt in the teacher's chat template and keep only its answer"""
 
 
+# --------------------------------------------------------------------------- filter
+
+
+class FilterConfig(Section):
+    """Cleaning a synthetic corpus (`gptlab filter`, and `gptlab distill` once its corpus is written). The filters run
+    in this order -- exact duplicates, near duplicates, length, perplexity -- each counting only what it removed."""
+
+    dedup: Literal["none", "exact", "near"] = "none"
+    """duplicates to drop, the first copy kept: exact (the same text once case and whitespace are ignored); near (exact, then texts whose word 5-grams overlap an earlier kept text's with Jaccard >= near_threshold, found by MinHash LSH); `gptlab filter` uses near unless told otherwise"""
+    near_threshold: float = Field(0.8, gt=0, le=1)
+    """the Jaccard similarity of two texts' sets of word 5-grams from which the later text is a near duplicate"""
+    min_tokens: int | None = Field(None, ge=0)
+    """drop samples shorter than this: a record's "tokens" (the teacher's tokens in its continuation), or its text's words where it has none; none: no bound"""
+    max_tokens: int | None = Field(None, ge=1)
+    """drop samples longer than this, counted as for min_tokens; none: no bound"""
+    reference: str | None = None
+    """a gptlab run (e.g. the model trained on the real data) that scores each sample's text for the perplexity filter; none: no perplexity filter"""
+    perplexity: str | None = None
+    """the reference's perplexities kept, LOW:HIGH inclusive: numbers (5:40), percentiles of the corpus's own perplexities (p5:p95), or one side open (:200); none: p5:p95 when there is a reference"""
+    batch_size: int = Field(16, ge=1)
+    """windows of the reference's context scored per forward pass"""
+    report: str | None = None
+    """the markdown report's path (its JSON summary beside it, .json); none: beside the output, OUT.report.md"""
+
+
 class Config(Section):
     """The whole pipeline's settings: one section per stage."""
 
@@ -619,6 +644,8 @@ class Config(Section):
     """evaluation"""
     distill: DistillConfig = DistillConfig()
     """the teacher's corpus"""
+    filter: FilterConfig = FilterConfig()
+    """cleaning a synthetic corpus"""
 
 
 # --------------------------------------------------------------------------- loading
