@@ -596,6 +596,8 @@ def _add_train_commands(sub) -> None:
         gptlab sample runs/tiny --prompt "Once upon a time" --prompt "The dog" --num-samples 3 --temperature 0.7
         gptlab sample runs/tiny --prompt-file prompts.txt --top-k 50 --top-p 0.9 --max-new-tokens 300
         gptlab sample runs/tiny/checkpoints/step_0002000 --prompt "Lily" --seed 7
+        gptlab sample runs/tiny --prompt "Once upon" --best-of 8 --num-samples 2 --rank-by teacher:runs/big
+        gptlab sample runs/tiny --prompt-file prompts.jsonl --best-of 4 --rank-by python:myscores.py:score
         gptlab sample runs/tiny-chat --chat "Write a story about a cat."          # a chat run: its reply
         gptlab sample runs/tiny-chat --messages conversation.json --num-samples 3
         """,
@@ -604,10 +606,14 @@ def _add_train_commands(sub) -> None:
         '{"role", "content"} messages (or conversation records), a .jsonl file of conversations (one reply to '
         "each; one that ends with an assistant message is replied to in its place). --chat with --messages adds "
         "a user message after each conversation. Replies end at <|end|>; the oldest turns are dropped where a "
-        "conversation outgrows the context.",
+        "conversation outgrows the context. --best-of N draws N candidates per prompt in one batch and prints them "
+        "best first with their scores (--rank-by: the model's own log-probability, a teacher's log-likelihood, or "
+        "your function); --num-samples then says how many of the ranked are shown (default: all N).",
     )
     p.add_argument("run", metavar="RUN", help="a run directory (its best checkpoint, see --checkpoint) or a checkpoint folder")
-    p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line (after any --prompt)")
+    p.add_argument("--prompt-file", metavar="FILE", help='one prompt per line (after any --prompt); a .jsonl file: '
+                   '{"prompt": "..."} or a JSON string a line')
+    _add_ranking_flags(p, "sample")
     p.add_argument("--chat", metavar="TEXT", help="a user message to a chat run: prints the assistant's reply")
     p.add_argument("--messages", metavar="FILE", help="conversations to reply to (.json messages or records, .jsonl records)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best", help="which checkpoint of RUN (default best)")
@@ -796,6 +802,19 @@ def _load_for_sampling(args, extra: list[Override] = ()):
     return model, tokenizer, run_cfg, cfg
 
 
+def _add_ranking_flags(p, section: str) -> None:
+    """--best-of N and --rank-by: N candidates per prompt, scored and ranked (gptlab.generate.ranking)."""
+    shown = ("print them best first with their scores: all N, or the best --num-samples" if section == "sample"
+             else "keep the best one of each prompt")
+    p.add_argument("--best-of", dest=f"{section}.best_of", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help=f"draw N candidates per prompt in one batch and {shown} ({section}.best_of)")
+    p.add_argument("--rank-by", metavar="SCORER", help="how candidates are ranked (default logprob): logprob (the "
+                   "sampling model's mean log-probability per token), teacher:RUN_OR_HF (the continuation's mean "
+                   "log-likelihood per token under another model given the prompt: a gptlab run, a Hugging Face model "
+                   "folder or teacher:hf:NAME), python:MODULE:FUNCTION or python:FILE.py:FUNCTION (FUNCTION(prompt: "
+                   "str, candidates: list[str]) -> list[float], one score per continuation, higher is better)")
+
+
 def _sample(args) -> int:
     from gptlab.distill import read_prompts
     from gptlab.generate import generate
@@ -805,6 +824,8 @@ def _sample(args) -> int:
     from_file = [("sample.prompts", [*vars(args).get("sample.prompts", []), *read_prompts(args.prompt_file)])] if args.prompt_file else []
     model, tokenizer, run_cfg, cfg = _load_for_sampling(args, from_file)
     sample = cfg.sample
+    if "sample.best_of" in vars(args) or args.rank_by:
+        return _sample_ranked(args, model, tokenizer, run_cfg, sample)
     outputs = [(p, i) for p in sample.prompts for i in range(sample.num_samples)]
     if len(outputs) == 1:  # one text: stream it as it comes
         print(sample.prompts[0], end="", flush=True)
@@ -818,11 +839,31 @@ def _sample(args) -> int:
     return 0
 
 
+def _sample_ranked(args, model, tokenizer, run_cfg, sample) -> int:
+    """`sample --best-of N [--rank-by ...]`: N candidates per prompt, printed best first with their scores."""
+    from gptlab.generate import sample_candidates
+    from gptlab.generate.ranking import parse_rank_by, rank
+
+    scorer = parse_rank_by(args.rank_by or "logprob", next(model.parameters()).device)
+    n = max(sample.best_of, sample.num_samples)
+    given = "sample.num_samples" in vars(args) or any(o.startswith("--sample.num_samples=") for o in args.overrides)
+    shown = sample.num_samples if given else n  # --best-of alone shows every candidate, ranked
+    groups = sample_candidates(model, tokenizer, sample.prompts, sample, n, data=run_cfg.data)
+    for prompt, group in zip(sample.prompts, groups):
+        ranked = rank(scorer, prompt, [text for text, _ in group], [logprob for _, logprob in group])
+        for i, (text, score) in enumerate(ranked[:shown]):
+            print(f"--- candidate {i + 1} of {n} for {prompt!r} (score {score:.3f}, {scorer.name})\n{prompt}{text}\n")
+    return 0
+
+
 def _sample_chat(args) -> int:
     """`sample --chat/--messages`: the assistant's reply to each conversation."""
     from gptlab.generate import chat_replies, read_messages
     from gptlab.tokenizer.chat import ChatFormat
 
+    if args.rank_by:
+        raise GptlabError("--rank-by ranks continuations of --prompt/--prompt-file", "drop it: --best-of N alone picks a "
+                          "chat run's reply by its log-probability")
     if "sample.prompts" in vars(args) or args.prompt_file:
         raise GptlabError("--prompt/--prompt-file continue text; --chat/--messages ask a chat run for a reply",
                           "give one or the other")
@@ -1024,19 +1065,23 @@ def _add_distill_commands(sub) -> None:
         gptlab distill path/to/llama-folder --prompts stoic.txt --chat --out data/stoic.jsonl --top-p 0.9
         gptlab distill hf:HuggingFaceTB/SmolLM2-360M-Instruct --prompts stoic.txt --chat --out data/stoic.jsonl
         gptlab distill runs/big --logits data/tinystories --top-k 16    # then: --train.teacher=data/tinystories/teacher_logits
+        gptlab distill runs/big --prompts prompts.jsonl --out data/best.jsonl --best-of 4 --rank-by teacher:runs/judge
         # then train a student on it, alone or mixed with real text:
         #   [[data.sources]]  path = "data/synthetic.jsonl"  weight = 0.5
         """,
         description="The teacher -- a gptlab run, a Hugging Face model folder, or hf:NAME from the Hub (needs "
         "transformers: pip install 'gptlab[distill]') -- continues the prompts (one per line, taken in turn) until "
         "it has written --tokens tokens. Each sample is a JSON line {text, prompt, tokens, teacher}; --chat wraps "
-        "the prompts in the teacher's chat template and keeps only its answers. The file is written as "
-        "OUT.partial and renamed when done; run the same command again to continue an interrupted one.",
+        "the prompts in the teacher's chat template and keeps only its answers. --best-of N: the teacher writes N "
+        "candidates per prompt and the best by --rank-by is kept (its record gains score and rank_by). The file is "
+        "written as OUT.partial and renamed when done; run the same command again to continue an interrupted one.",
     )
     p.add_argument("teacher", metavar="TEACHER", help="a gptlab run directory or checkpoint, a Hugging Face model folder, or hf:NAME")
-    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
+    p.add_argument("--prompts", metavar="FILE", help='prompts, one per line; a .jsonl file: {"prompt": "..."} '
+                   "or a JSON string a line")
     p.add_argument("--out", "-o", metavar="FILE", help="the JSON-lines corpus to write")
     p.add_argument("--device", default="cpu", metavar="DEV", help="cpu, cuda, cuda:1 ... (default cpu)")
+    _add_ranking_flags(p, "distill")
     _add_logits_flags(p)
     _add_filter_flags(p, "; with any on, OUT gets the kept samples and OUT.unfiltered.jsonl the teacher's")
     p.set_defaults(func=_distill)
@@ -1064,6 +1109,7 @@ def _distill_logits(args) -> int:
 
 def _distill(args) -> int:
     from gptlab.distill import distill_corpus, load_teacher, read_prompts
+    from gptlab.generate.ranking import parse_rank_by
 
     if args.logits:
         return _distill_logits(args)
@@ -1072,7 +1118,8 @@ def _distill(args) -> int:
     settings = _config(args).distill
     prompts = read_prompts(args.prompts)
     raw, reference = _filters_before_distill(args)  # the filters' settings checked before the teacher writes
-    r = distill_corpus(load_teacher(args.teacher, args.device), prompts, raw, settings, verbose=not args.quiet)
+    scorer = parse_rank_by(args.rank_by, args.device) if args.rank_by else None
+    r = distill_corpus(load_teacher(args.teacher, args.device), prompts, raw, settings, scorer=scorer, verbose=not args.quiet)
     again = f" (continued from sample {r['resumed_at_record']:,})" if r["resumed_at_record"] else ""
     print(f"wrote {r['records']:,} samples, {r['tokens']:,} tokens from {r['teacher']} to {r['out']}{again} "
           f"in {r['seconds']:.0f} s ({r['tokens_per_s'] or 0:,.0f} tokens/s)")

@@ -596,6 +596,8 @@ class DistillConfig(Section):
     """batch k is drawn with seed + k, so an interrupted run continues as if it had not stopped"""
     chat: bool = False
     """wrap each prompt in the teacher's chat template and keep only its answer"""
+    best_of: int = Field(1, ge=1)
+    """the teacher writes N candidates per prompt and the best one (by --rank-by; default its own log-probability) is kept"""
 
 
 # --------------------------------------------------------------------------- filter

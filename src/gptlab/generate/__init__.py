@@ -1,4 +1,5 @@
-"""The generate stage: text from a trained GPT (batched prompts, KV cache, streaming, best-of-N), replies from a chat model."""
+"""The generate stage: text from a trained GPT (batched prompts, KV cache, streaming, best-of-N ranked by the model,
+a teacher or a user function), replies from a chat model."""
 
 from gptlab.generate.chat import (
     ChatPrompt,
@@ -12,9 +13,10 @@ from gptlab.generate.sampling import (
     generate,
     next_token,
     prompt_ids,
+    sample_candidates,
     sample_tokens,
     start_id,
 )
 
 __all__ = ["ChatPrompt", "chat_prompt", "chat_replies", "chat_reply", "filter_logits", "generate", "next_token",
-           "prompt_ids", "read_messages", "sample_tokens", "start_id"]
+           "prompt_ids", "read_messages", "sample_candidates", "sample_tokens", "start_id"]

@@ -237,28 +237,11 @@ def generate(
     """
     if not prompts:
         return []
-    if model.cfg.vocab_size != tokenizer.vocab_size:
-        raise GptlabError(
-            f"the model has {model.cfg.vocab_size} tokens but the tokenizer has {tokenizer.vocab_size}",
-            "sample with the tokenizer the model was trained with",
-        )
     candidates = max(cfg.best_of, cfg.num_samples)
-    ids = [prompt_ids(tokenizer, p, data) if isinstance(p, str) else list(p) for p in prompts for _ in range(candidates)]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    stream = _Stream(tokenizer, len(ids), on_token) if on_token is not None and candidates == cfg.num_samples else None
-    new, scores = sample_tokens(
-        model,
-        ids,
-        cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        top_k=cfg.top_k,
-        top_p=cfg.top_p,
-        eos_id=stop_ids if stop_ids is not None else tokenizer.eos_id if cfg.stop_at_eos else None,
-        generator=generator,
-        on_step=stream,
-        compile=cfg.compile,
-    )
+    stream = None
+    if on_token is not None and candidates == cfg.num_samples:
+        stream = _Stream(tokenizer, len(prompts) * candidates, on_token)
+    new, scores = _draw(model, tokenizer, prompts, cfg, candidates, data, stop_ids, on_step=stream)
     if stream is not None:
         stream.finish()
     texts = []
@@ -271,3 +254,47 @@ def generate(
             if on_token is not None and stream is None:
                 on_token(len(texts) - 1, texts[-1])
     return texts
+
+
+def sample_candidates(
+    model: GPT,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    cfg: SampleConfig,
+    n: int,
+    *,
+    data: DataConfig | None = None,
+    stop_ids: Collection[int] | None = None,
+) -> list[list[tuple[str, float]]]:
+    """n continuations of each prompt, all drawn in one batch, as (text, mean log-probability) in the order
+    drawn: the raw material of best-of-N (gptlab.generate.ranking orders them). Prompts, `data` and
+    `stop_ids` as in `generate`; cfg.num_samples and cfg.best_of are not used."""
+    if not prompts:
+        return []
+    new, scores = _draw(model, tokenizer, prompts, cfg, n, data, stop_ids)
+    rows = [(tokenizer.decode(ids), score) for ids, score in zip(new, scores)]
+    return [rows[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def _draw(model, tokenizer, prompts, cfg: SampleConfig, n: int, data, stop_ids, on_step=None):
+    """Each prompt n times in one batch (prompt i at rows [i * n, (i + 1) * n)): sample_tokens' (tokens, scores)."""
+    if model.cfg.vocab_size != tokenizer.vocab_size:
+        raise GptlabError(
+            f"the model has {model.cfg.vocab_size} tokens but the tokenizer has {tokenizer.vocab_size}",
+            "sample with the tokenizer the model was trained with",
+        )
+    ids = [prompt_ids(tokenizer, p, data) if isinstance(p, str) else list(p) for p in prompts for _ in range(n)]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return sample_tokens(
+        model,
+        ids,
+        cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_id=stop_ids if stop_ids is not None else tokenizer.eos_id if cfg.stop_at_eos else None,
+        generator=generator,
+        on_step=on_step,
+        compile=cfg.compile,
+    )
