@@ -1429,7 +1429,7 @@ def _add_config_commands(sub) -> None:
         description="The keys come from the schema itself (gptlab/config.py): set any of them in a TOML file "
         "([section] key = value) or on the command line (--section.key=value; none for None).",
     )
-    p.add_argument("section", nargs="?", metavar="SECTION", help="one section (text, tokenizer, data, model, train, sample, eval, distill)")
+    p.add_argument("section", nargs="?", metavar="SECTION", help="one section (text, tokenizer, data, model, train, sample, eval, distill, filter)")
     p.add_argument("--json", action="store_true", help="print the keys as JSON")
     p.add_argument("--show", metavar="TOML", nargs="?", const="", help="print the resolved config of TOML (or of the "
                    "defaults) with the overrides given, as TOML")
