@@ -13,7 +13,7 @@ student's own sampling are extra compute, reported as wall time beside the gain)
     tinystories  TinyStories V1 head + V2 sample, BPE 4,096, context 256: teacher 4 x 256 (4.2M), student 4 x 64
                  (0.46M); scored in bits per byte on TinyStories-valid_hf_head.txt, which no run trains on.
     meditations  seed 000's case: Marcus Aurelius' Meditations (~0.1M tokens; 20% of its paragraphs held out),
-                 BPE 2,048, context 128: a small corpus a 0.4M student overfits. Teacher 4 x 192 (2.2M, early
+                 BPE 2,048, context 128: a small corpus for a 0.43M student (6 x 64). Teacher 4 x 192 (2.2M, early
                  stopping), students train ~18 epochs; the table gives each one's best and last validation bits
                  per byte (does distillation delay the overfitting?) and scores its last checkpoint on the real
                  validation split (the sequence way validates on a split that also holds teacher text).
