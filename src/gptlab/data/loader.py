@@ -30,6 +30,18 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 
 
+def shard_slices(starts: list[int], start: int, length: int) -> Iterator[tuple[int, int, int]]:
+    """(shard, lo, hi): the slices of shards laid end to end that cover positions [start, start + length);
+    `starts` holds each shard's first position, then the total (TokenSplit.starts)."""
+    i = bisect_right(starts, start) - 1
+    while length > 0:
+        lo = start - starts[i]
+        hi = min(lo + length, starts[i + 1] - starts[i])
+        yield i, lo, hi
+        start, length = start + hi - lo, length - (hi - lo)
+        i += 1
+
+
 class TokenSplit:
     """All shards of one split, read as one long array of tokens."""
 
@@ -44,14 +56,7 @@ class TokenSplit:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length), crossing shard boundaries where needed."""
-        i = bisect_right(self.starts, start) - 1
-        pieces = []
-        while length > 0:
-            piece = self.shards[i][start - self.starts[i] : start - self.starts[i] + length]
-            pieces.append(piece)
-            start += len(piece)
-            length -= len(piece)
-            i += 1
+        pieces = [self.shards[i][lo:hi] for i, lo, hi in shard_slices(self.starts, start, length)]
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def require_window(self, seq_len: int) -> None:

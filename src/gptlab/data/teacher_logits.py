@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import os
-from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from gptlab.data.loader import shard_slices
 from gptlab.errors import GptlabError
 
 INFO_FILE = "teacher_logits.json"
@@ -106,15 +106,10 @@ class TeacherLogits:
         """(ids, log-probabilities) [length, k] of positions [start, start + length), across shard boundaries."""
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"rows {start}..{start + length} outside the {self.num_tokens} stored")
-        i = bisect_right(self.starts, start) - 1
         ids, logp = [], []
-        while length > 0:
-            lo = start - self.starts[i]
-            hi = min(lo + length, self.starts[i + 1] - self.starts[i])
+        for i, lo, hi in shard_slices(self.starts, start, length):
             ids.append(self.ids[i][lo:hi])
             logp.append(self.logp[i][lo:hi])
-            start, length = start + hi - lo, length - (hi - lo)
-            i += 1
         return (ids[0], logp[0]) if len(ids) == 1 else (np.concatenate(ids), np.concatenate(logp))
 
     def windows(self, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 
 from gptlab import runs
 from gptlab.data.conversations import is_chat_data
-from gptlab.data.loader import TokenSplit
+from gptlab.data.loader import TokenSplit, shard_slices
 from gptlab.data.meta import load_meta, split_shards
 from gptlab.data.shards import read_header
 from gptlab.data.teacher_logits import (
@@ -191,10 +190,7 @@ def _read_progress(path: Path) -> dict:
 
 def _put(arrays: list[np.ndarray], starts: list[int], start: int, rows: np.ndarray) -> None:
     """Write rows at positions [start, start + len(rows)) of the split, across shard boundaries."""
-    i, n = bisect_right(starts, start) - 1, 0
-    while n < len(rows):
-        lo = start + n - starts[i]
-        hi = min(starts[i + 1] - starts[i], lo + len(rows) - n)
+    n = 0
+    for i, lo, hi in shard_slices(starts, start, len(rows)):
         arrays[i][lo:hi] = rows[n : n + hi - lo]
         n += hi - lo
-        i += 1

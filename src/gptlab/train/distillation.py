@@ -74,9 +74,6 @@ class Distiller:
     cross-entropy over the real rows, `written` ([B, T] bool, or None) marks the positions whose next token
     the student wrote itself (see LiveTeacher.rollout), `soft` the stored teacher's (ids, log-probabilities)."""
 
-    on_policy = 0.0
-    new_tokens = 0
-
     def __init__(self, weight: float, temperature: float, beta: float):
         self.weight, self.temperature, self.beta = weight, temperature, beta
         self.step = 0  # the trainer's step, which seeds the student's samples (a resumed run draws them again)
