@@ -16,6 +16,10 @@ Rows:
                          head, bias=False as in its train.py) with its CPU recipe's training step: fp32,
                          no compile, AdamW(lr 1e-3, betas (0.9, 0.99), weight decay 0.1 on matrices, the
                          default (unfused) CPU implementation), grad clip 1.0, loss.item() every step
+    nanogpt fp32 compile / bf16 autocast / bf16 autocast compile
+                         the same model and loop under train.py's --compile=True and --dtype=bfloat16
+                         (autocast, as its ctx): nanoGPT's other settings; the fastest of them that runs on
+                         this machine is the peer (bf16 rows only where the CPU has native bf16)
     gptlab fp32 eager    precision=fp32, compile=false (nanoGPT's CPU recipe)
     gptlab fp32 compile  / gptlab bf16 eager: the two levers apart, to see which one pays on this machine
     hf llama bf16        transformers.LlamaForCausalLM of the same shape (SwiGLU sized to the same
@@ -35,8 +39,9 @@ On a machine where other processes are busy, OpenMP's default of spinning at eve
 2 threads several times slower than 1 (a waiting thread spins away the time slice its descheduled
 partner needs): the first line prints OMP_WAIT_POLICY; PASSIVE makes waiting threads sleep.
 
-The last line is `RESULT shape=4m gptlab_tok_s=... nanogpt_cpu_tok_s=... fp32_eager_tok_s=...
-hf_llama_bf16_tok_s=... vs_nanogpt_cpu=... vs_fp32_eager=... vs_hf_llama=... mfu=...` (the first shape
+The last line is `RESULT shape=4m cpu=<capability> gptlab_tok_s=... nanogpt_best_tok_s=... nanogpt_best=<row>
+vs_nanogpt_best=... nanogpt_cpu_tok_s=... fp32_eager_tok_s=... hf_llama_bf16_tok_s=... vs_nanogpt_cpu=...
+vs_fp32_eager=... vs_hf_llama=... mfu=... peak_fp32_gflops=... peak_bf16_gflops=...` (the first shape
 measured if 4m is not among them; vs_hf_llama against the faster of the two Llama rows measured).
 """
 
@@ -72,7 +77,9 @@ SHAPES = {
     "4m": dict(n_layer=4, d_model=256, n_head=4, context_length=256, batch=16, vocab=4096),
     "16m": dict(n_layer=8, d_model=384, n_head=6, context_length=256, batch=16, vocab=4096),
 }
-ROWS = ["default", "nanogpt_cpu", "fp32_eager", "fp32_compile", "bf16_eager", "hf_llama_bf16", "hf_llama_fp32"]
+ROWS = ["default", "nanogpt_cpu", "nanogpt_fp32_compile", "nanogpt_bf16", "nanogpt_bf16_compile", "fp32_eager", "fp32_compile",
+        "bf16_eager", "bf16_compile", "hf_llama_bf16", "hf_llama_fp32"]
+NANOGPT_ROWS = [row for row in ROWS if row.startswith("nanogpt")]
 
 
 def gptlab_step(shape: dict, device: torch.device, precision: str, compile: bool):
@@ -146,9 +153,12 @@ class NanoGPT(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
 
 
-def nanogpt_cpu_step(shape: dict, device: torch.device):
-    """nanoGPT's train.py loop body under its CPU recipe (README: --device=cpu --compile=False; fp32)."""
+def nanogpt_step(shape: dict, device: torch.device, precision: str = "fp32", compile: bool = False):
+    """nanoGPT's train.py loop body: its CPU recipe (README: --device=cpu --compile=False; fp32) by default,
+    else --dtype=bfloat16 (autocast; no GradScaler, which train.py enables for float16 only) and/or
+    --compile=True (train.py compiles the model: `model = torch.compile(model)`)."""
     model = NanoGPT(shape["vocab"], shape["context_length"], shape["n_layer"], shape["d_model"], shape["n_head"]).to(device).train()
+    forward = torch.compile(model) if compile else model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -156,7 +166,8 @@ def nanogpt_cpu_step(shape: dict, device: torch.device):
 
     def step(batch):
         x, y = batch
-        _, loss = model(x, y)
+        with autocast(device, precision):  # train.py's ctx
+            _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -255,17 +266,23 @@ def main() -> None:
           f"(fewer for rows slower than {args.row_seconds:.0f} s), rows interleaved; the best round counts "
           "(other work on the machine only ever slows a round down)")
     settings = {  # row -> (model, precision, compile)
-        "default": ("gptlab", *default), "nanogpt_cpu": ("nanogpt", "fp32", False), "fp32_eager": ("gptlab", "fp32", False),
-        "fp32_compile": ("gptlab", "fp32", True), "bf16_eager": ("gptlab", "bf16", False),
+        "default": ("gptlab", *default), "nanogpt_cpu": ("nanogpt", "fp32", False),
+        "nanogpt_fp32_compile": ("nanogpt", "fp32", True), "nanogpt_bf16": ("nanogpt", "bf16", False),
+        "nanogpt_bf16_compile": ("nanogpt", "bf16", True), "fp32_eager": ("gptlab", "fp32", False),
+        "fp32_compile": ("gptlab", "fp32", True), "bf16_eager": ("gptlab", "bf16", False), "bf16_compile": ("gptlab", "bf16", True),
         "hf_llama_bf16": ("hf", "bf16", False), "hf_llama_fp32": ("hf", "fp32", False),
     }
     labels = {"default": f"gptlab default ({default[0]}{', compile' if default[1] else ''})",
-              "nanogpt_cpu": "nanogpt cpu recipe (fp32 eager)", "fp32_eager": "gptlab fp32 eager",
-              "fp32_compile": "gptlab fp32 compile", "bf16_eager": "gptlab bf16 eager",
+              "nanogpt_cpu": "nanogpt cpu recipe (fp32 eager)", "nanogpt_fp32_compile": "nanogpt fp32 compile",
+              "nanogpt_bf16": "nanogpt bf16 autocast", "nanogpt_bf16_compile": "nanogpt bf16 autocast compile",
+              "fp32_eager": "gptlab fp32 eager", "fp32_compile": "gptlab fp32 compile", "bf16_eager": "gptlab bf16 eager",
+              "bf16_compile": "gptlab bf16 compile",
               "hf_llama_bf16": "hf llama bf16 autocast", "hf_llama_fp32": "hf llama fp32"}
     wanted = [r for r in args.rows.split(",") if r]
-    if not default[1] and "fp32_compile" in wanted:
-        wanted.remove("fp32_compile")
+    if not default[1]:  # no compiler here
+        wanted = [row for row in wanted if not row.endswith("compile")]
+    if device.type == "cpu" and not cpu_has_fast_bf16():  # bf16 is emulated: nanoGPT's settings here are the fp32 ones
+        wanted = [row for row in wanted if not row.startswith("nanogpt_bf16")]
     header = (f"{'shape':6} {'row':31} {'params':>8} {'tokens/s':>10} {'ms/step':>9} {'steps':>5} {'warm-up s':>9} "
               f"{'MFU':>6} {'vs nanogpt':>10} {'vs fp32 eager':>13}")
     print(header)
@@ -286,7 +303,7 @@ def main() -> None:
             if model == "gptlab":
                 step, params, net = gptlab_step(shape, device, precision, compile)
             elif model == "nanogpt":
-                step, params, net = nanogpt_cpu_step(shape, device)
+                step, params, net = nanogpt_step(shape, device, precision, compile)
             else:
                 step, params, net = hf_llama_step(shape, device, precision)
             warm, pace = warm_up(step, batches, args.warmup, sync, args.row_seconds / 2)
@@ -313,11 +330,18 @@ def main() -> None:
     r = results[name]
     get = lambda key: r[key]["tok_s"] if key in r else float("nan")  # noqa: E731
     llama = max((get(k) for k in ("hf_llama_bf16", "hf_llama_fp32") if k in r), default=float("nan"))
+    nano_best = max((k for k in NANOGPT_ROWS if k in r), key=get, default=None)  # the fastest nanoGPT setting run here
     mfu = r["default"]["mfu"] if "default" in r else float("nan")
-    print(f"RESULT shape={name} gptlab_tok_s={get('default'):.0f} nanogpt_cpu_tok_s={get('nanogpt_cpu'):.0f} "
-          f"fp32_eager_tok_s={get('fp32_eager'):.0f} hf_llama_bf16_tok_s={get('hf_llama_bf16'):.0f} "
-          f"vs_nanogpt_cpu={get('default') / get('nanogpt_cpu'):.2f} vs_fp32_eager={get('default') / get('fp32_eager'):.2f} "
-          f"vs_hf_llama={get('default') / llama:.2f} mfu={mfu:.3f}")
+    if nano_best:
+        print(f"fastest nanoGPT setting here: {labels[nano_best]} ({get(nano_best):,.0f} tokens/s); gptlab default "
+              f"{get('default') / get(nano_best):.2f}x it")
+    print(f"RESULT shape={name} cpu={torch.backends.cpu.get_cpu_capability()} gptlab_tok_s={get('default'):.0f} "
+          f"nanogpt_best_tok_s={get(nano_best) if nano_best else float('nan'):.0f} nanogpt_best={nano_best} "
+          f"vs_nanogpt_best={get('default') / (get(nano_best) if nano_best else float('nan')):.2f} "
+          f"nanogpt_cpu_tok_s={get('nanogpt_cpu'):.0f} fp32_eager_tok_s={get('fp32_eager'):.0f} "
+          f"hf_llama_bf16_tok_s={get('hf_llama_bf16'):.0f} vs_nanogpt_cpu={get('default') / get('nanogpt_cpu'):.2f} "
+          f"vs_fp32_eager={get('default') / get('fp32_eager'):.2f} vs_hf_llama={get('default') / llama:.2f} mfu={mfu:.3f} "
+          f"peak_fp32_gflops={peaks['fp32'] / 1e9:.1f} peak_bf16_gflops={peaks['bf16'] / 1e9:.1f}")
 
 
 def _compile_note(rows: dict) -> None:

@@ -8,7 +8,7 @@ from gptlab.errors import GptlabError
 from gptlab.generate import sample_tokens
 from gptlab.generate.decode import COMPILE_MIN_SECONDS, Decoder, worth_compiling
 from gptlab.model import GPT, KVCache
-from gptlab.model.gpt import one_query_attention
+from gptlab.model.gpt import written_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -52,13 +52,19 @@ def test_steps_after_left_padding_and_after_a_rewind_see_only_real_tokens():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
-def test_one_query_attention_is_the_fused_kernels(heads, kv_heads):
+@pytest.mark.parametrize("queries", [1, 10], ids=["decode", "training"])
+def test_written_attention_is_the_fused_kernels(heads, kv_heads, queries):
+    """The attention a compiled CPU step writes out (a decode step's one query; bf16 training, causal)."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, h, t, 8, generator=g) for h, t in ((heads, 1), (kv_heads, 10), (kv_heads, 10)))
-    mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
-    mask[:, ..., 0] = True  # every row sees a key
-    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads)
-    assert (one_query_attention(q, k, v, mask) - fused).abs().max() < 1e-5
+    q, k, v = (torch.randn(3, h, t, 8, generator=g) for h, t in ((heads, queries), (kv_heads, 10), (kv_heads, 10)))
+    grouped = kv_heads != heads
+    if queries == 1:
+        mask = torch.rand(3, 1, 1, 10, generator=g) > 0.4
+        mask[:, ..., 0] = True  # every row sees a key
+        fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+    else:
+        mask, fused = None, torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=grouped)
+    assert (written_attention(q, k, v, mask) - fused).abs().max() < 1e-5
 
 
 def test_auto_compiles_only_long_generations():

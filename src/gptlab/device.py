@@ -32,11 +32,12 @@ def cpu_count() -> int:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # train.compile=auto compiles a run expected to train for longer than this (seconds). Measured with
-# benchmarks/train_throughput.py on 2 AMD EPYC cores (no native bf16), fp32: a first compile costs 20-30 s
-# (cached on disk afterwards) and speeds a step up 1.25x at the nanoGPT shape but only 1.03-1.04x at
-# 4M and 16M parameters, where the matmuls dominate: it pays back after ~100 s, ~570 s and ~800 s of
-# eager training respectively. On a GPU it is 1.5-2x for about a minute of compiling.
-COMPILE_MIN_SECONDS = {"cpu": 900.0, "cuda": 120.0, "mps": float("inf")}
+# benchmarks/train_throughput.py at the 4M shape on 2 AMD EPYC cores with AVX-512-BF16 (2026-12-03): a first
+# compile costs 10-45 s (cached on disk afterwards); in bf16 it makes a step 1.25-1.37x faster (fused
+# norms/RoPE/GELU and the written-out attention of model/gpt.py), in fp32 1.03-1.08x (AVX2 machines, where fp32
+# is the precision picked, measured 1.03-1.25x): it pays back after ~1-5 min of eager training. On a GPU it is
+# 1.5-2x for about a minute of compiling.
+COMPILE_MIN_SECONDS = {"cpu": 300.0, "cuda": 120.0, "mps": float("inf")}
 
 
 def pick_device(name: str = "auto") -> torch.device:
