@@ -328,7 +328,7 @@ def main() -> None:
 
     name = "4m" if "4m" in results else next(iter(results))
     r = results[name]
-    get = lambda key: r[key]["tok_s"] if key in r else float("nan")  # noqa: E731
+    get = lambda key: r[key]["tok_s"] if key in r else float("nan")  # noqa: E731  (nan for a row not run, or None)
     llama = max((get(k) for k in ("hf_llama_bf16", "hf_llama_fp32") if k in r), default=float("nan"))
     nano_best = max((k for k in NANOGPT_ROWS if k in r), key=get, default=None)  # the fastest nanoGPT setting run here
     mfu = r["default"]["mfu"] if "default" in r else float("nan")
@@ -336,8 +336,8 @@ def main() -> None:
         print(f"fastest nanoGPT setting here: {labels[nano_best]} ({get(nano_best):,.0f} tokens/s); gptlab default "
               f"{get('default') / get(nano_best):.2f}x it")
     print(f"RESULT shape={name} cpu={torch.backends.cpu.get_cpu_capability()} gptlab_tok_s={get('default'):.0f} "
-          f"nanogpt_best_tok_s={get(nano_best) if nano_best else float('nan'):.0f} nanogpt_best={nano_best} "
-          f"vs_nanogpt_best={get('default') / (get(nano_best) if nano_best else float('nan')):.2f} "
+          f"nanogpt_best_tok_s={get(nano_best):.0f} nanogpt_best={nano_best} "
+          f"vs_nanogpt_best={get('default') / get(nano_best):.2f} "
           f"nanogpt_cpu_tok_s={get('nanogpt_cpu'):.0f} fp32_eager_tok_s={get('fp32_eager'):.0f} "
           f"hf_llama_bf16_tok_s={get('hf_llama_bf16'):.0f} vs_nanogpt_cpu={get('default') / get('nanogpt_cpu'):.2f} "
           f"vs_fp32_eager={get('default') / get('fp32_eager'):.2f} vs_hf_llama={get('default') / llama:.2f} mfu={mfu:.3f} "

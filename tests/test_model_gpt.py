@@ -220,7 +220,7 @@ def test_safetensors_round_trip(tiny_model, tiny_model_config, tmp_path):
     assert fresh.lm_head.weight is fresh.tok_emb.weight  # still tied after loading
 
 
-def test_compiled_bf16_cpu_step_writes_attention_out_and_keeps_the_loss_and_gradients():
+def test_compiled_bf16_cpu_step_writes_attention_out_and_keeps_the_loss_and_gradients(monkeypatch):
     """Compiled in bf16 on a CPU, attention is written out in causal blocks (faster than the fused kernel's
     backward there): the loss and gradients stay the eager step's, within bf16's precision."""
     from gptlab.model import gpt
@@ -228,23 +228,14 @@ def test_compiled_bf16_cpu_step_writes_attention_out_and_keeps_the_loss_and_grad
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, context_length=30))
     x, y = torch.randint(0, 64, (2, 30)), torch.randint(0, 64, (2, 30))
-    called = []
-    written = gpt.written_attention
-
-    def spy(*args):
-        called.append(args[-1])
-        return written(*args)
-
+    called, written = [], gpt.written_attention
+    monkeypatch.setattr(gpt, "written_attention", lambda *args: called.append(args[-1]) or written(*args))
     results = []
     for forward in (model, torch.compile(model)):
         model.zero_grad()
-        gpt.written_attention = spy
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = forward(x, y)[1]
-            loss.backward()
-        finally:
-            gpt.written_attention = written
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward(x, y)[1]
+        loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     assert called and set(called) == {gpt.CAUSAL_BLOCKS}  # traced into the compiled step, not the eager one
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results

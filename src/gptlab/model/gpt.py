@@ -226,11 +226,11 @@ def written_attention(q, k, v, mask, blocks: int = 1):
     q = q.view(B, K, H // K, T, C)  # query head h reads key/value head h // (H / K), as enable_gqa does
     if mask is not None:
         return _attend(q, k, v, mask.unsqueeze(2) if mask.dim() == 4 else mask).reshape(B, H, T, C)
-    size = -(-T // blocks)
-    ends = range(size, T + size, size)
-    ys = [_attend(q[..., end - size : end, :], k[..., :end, :], v[..., :end, :],
-                  torch.ones(min(end, T) - (end - size), min(end, T), dtype=torch.bool, device=q.device).tril(end - size))
-          for end in ends]
+    size, ys = -(-T // blocks), []  # rows a slice, rounded up
+    for start in range(0, T, size):
+        stop = min(start + size, T)
+        causal = torch.ones(stop - start, stop, dtype=torch.bool, device=q.device).tril(start)  # [rows, keys so far]
+        ys.append(_attend(q[..., start:stop, :], k[..., :stop, :], v[..., :stop, :], causal))
     return torch.cat(ys, dim=-2).reshape(B, H, T, C)
 
 
