@@ -208,7 +208,7 @@ def sdpa_attention(q, k, v, mask, dropout_p: float):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=grouped)
 
 
-def written_attention(q, k, v, mask, blocks: int = 1):
+def written_attention(q, k, v, mask, blocks: int = 1, dropout_p: float = 0.0):
     """softmax(Q K^T / sqrt(C)) V written out in a few operators, for inductor to fuse into a compiled CPU step.
 
     Two cases pay (sdpa_attention picks them): a decode step (one query a row, a KV cache's keys), where the
@@ -219,40 +219,34 @@ def written_attention(q, k, v, mask, blocks: int = 1):
     mask None: causal, the queries taken in `blocks` slices, each against only the keys up to its last
     position, which skips most of the scores above the diagonal that the mask would throw away (4 blocks:
     10/16 of the work) and keeps each slice's scores small enough to stay in cache (one block of 256
-    positions took 39 ms forward + backward, four 19 ms).
+    positions took 39 ms forward + backward, four 19 ms). `dropout_p`: on the probabilities (plain_attention).
     """
     B, H, T, C = q.shape
     K = k.size(1)
     q = q.view(B, K, H // K, T, C)  # query head h reads key/value head h // (H / K), as enable_gqa does
     if mask is not None:
-        return _attend(q, k, v, mask.unsqueeze(2) if mask.dim() == 4 else mask).reshape(B, H, T, C)
+        return _attend(q, k, v, mask.unsqueeze(2) if mask.dim() == 4 else mask, dropout_p).reshape(B, H, T, C)
     size, ys = -(-T // blocks), []  # rows a slice, rounded up
     for start in range(0, T, size):
         stop = min(start + size, T)
         causal = torch.ones(stop - start, stop, dtype=torch.bool, device=q.device).tril(start)  # [rows, keys so far]
-        ys.append(_attend(q[..., start:stop, :], k[..., :stop, :], v[..., :stop, :], causal))
+        ys.append(_attend(q[..., start:stop, :], k[..., :stop, :], v[..., :stop, :], causal, dropout_p))
     return torch.cat(ys, dim=-2).reshape(B, H, T, C)
 
 
-def _attend(q, k, v, mask):
+def _attend(q, k, v, mask, dropout_p: float):
     """q [B, K, G, T, C] against k, v [B, K, S, C] under mask [.., T, S] (True = may attend)."""
     scores = torch.einsum("bkgtc,bksc->bkgts", q, k) / math.sqrt(q.size(-1))
     probs = F.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
     return torch.einsum("bkgts,bksc->bkgtc", probs, v)
 
 
 def plain_attention(q, k, v, mask, dropout_p: float):
-    """softmax(Q K^T / sqrt(C) + causal mask) V, written out: the reference the fused kernel must match.
-    Dropout here is on the probabilities, as in the Transformer paper and nanoGPT."""
-    group = q.size(1) // k.size(1)  # query heads sharing one key/value head (GQA / MQA)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # [B, H, T, T_keys]
-    if mask is None:
-        T = q.size(-2)
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = F.dropout(F.softmax(scores.float(), dim=-1).to(q.dtype), dropout_p)
-    return probs @ v
+    """softmax(Q K^T / sqrt(C) + causal mask) V, written out in one piece: the reference the fused kernel must
+    match. Dropout here is on the probabilities, as in the Transformer paper and nanoGPT."""
+    return written_attention(q, k, v, mask, 1, dropout_p)
 
 
 ATTENTION = {"sdpa": sdpa_attention, "plain": plain_attention}

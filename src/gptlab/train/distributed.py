@@ -123,8 +123,6 @@ class Group(Dist):
         return wrap(model, self, precision)
 
     def pick_compile(self, requested, planned_seconds: float | None) -> bool:
-        if self.device.type == "cpu" and requested == "auto":
-            return False  # torch.compile under gloo buys little on a CPU for its warm-up
         return from_main(super().pick_compile(requested, planned_seconds))  # rank 0 decides for all
 
     def whole_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module | None:

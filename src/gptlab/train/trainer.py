@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +54,7 @@ from gptlab.model import lora
 from gptlab.train import checkpoint as ckpt
 from gptlab.train import distributed, preflight
 from gptlab.train.clock import RunClock
+from gptlab.train.estimate import RunEstimate
 from gptlab.train.metrics import (
     AUX_COLUMN,
     COLUMNS,
@@ -67,9 +69,11 @@ from gptlab.train.signals import StopSignals
 from gptlab.train.step import GlobalTargets, TrainStep
 from gptlab.train.validator import Validator
 
-# Typical model FLOP utilisation, used only for the start-up line's time estimate (the bar's ETA is measured).
+# Typical model FLOP utilisation, used only to guess the run's time before its first steps are measured.
 # CPU: 0.5-0.65 measured for 1-4M-parameter models in fp32 against `gptlab bench peak` (2 AVX2 cores).
 EXPECTED_MFU = {"cpu": 0.55, "cuda": 0.35, "mps": 0.2}
+CHECKPOINT_BYTES_PER_S = 300e6  # a guess at writing a checkpoint: weights and optimizer state, 16 bytes a parameter
+PAUSE_SECONDS = 0.2  # ... plus redrawing the plots and writing the small files, measured ~0.1-0.2 s on a CPU
 
 
 def train(cfg: Config, resume: bool = False, *, on_step: Callable[[int], str | None] | None = None,
@@ -185,6 +189,7 @@ class Trainer:
 
         # MFU is measured against every device's peak; rank 0 measures it and decides compile for all.
         self.peak = (t.peak_flops or dist.on_main(lambda: peak_flops(self.device, DTYPES[self.precision]))) * dist.world_size
+        self.estimate = RunEstimate(self._guessed_pace(), t.eval_every, t.sample_every)
         self.compile = dist.pick_compile(t.compile, self.expected_seconds())
         self.teacher = preflight.load_teacher(cfg, self.tokenizer, self.data_dir, self.device) if t.teacher else None
         # conversations: batches hold different numbers of targets; each step's loss is the mean over all of them
@@ -219,6 +224,8 @@ class Trainer:
         """Train until a limit, a signal or early stopping. The step the run stops at is logged, evaluated
         (unless a signal stopped it) and checkpointed in the loop's last pass, like any evaluation step."""
         t, clock = self.cfg.train, self.clock
+        self._wall_start, self._corrected = time.perf_counter(), None
+        self._startup_seconds = self._time_left()["total"]
         self._print(self.startup_line())
         bar = self._progress_bar()
         interval, first, stopped, asked = self._interval(), self.step, None, None  # asked: on_step's reason
@@ -233,6 +240,7 @@ class Trainer:
                     stopped = self._limit_reached(elapsed) or asked or ("interrupted" if self.signals.name else None)
                     trained = self.step > first  # this step was trained here, not loaded from a checkpoint
                     with clock.paused():  # evaluation, sampling and checkpoints are not training time
+                        paused_at = time.perf_counter()
                         evaluate = trained and (self.step % t.eval_every == 0 or stopped not in (None, "interrupted"))
                         # the row first: a loss gone NaN is reported as such, not as a NaN validation loss
                         row = self._row(interval, bar) if trained and (evaluate or stopped or self.step % t.log_every == 0) else None
@@ -245,8 +253,11 @@ class Trainer:
                             interval = self._log(row, result)
                         if evaluate or stopped:
                             self._checkpoint(result)
+                            self.estimate.timed_pause("eval", time.perf_counter() - paused_at)
                         if trained and t.sample_every and self.step % t.sample_every == 0:
+                            sampled_at = time.perf_counter()
                             self._sample(interval)
+                            self.estimate.timed_pause("sample", time.perf_counter() - sampled_at)
                     if stopped:
                         break
                     lr = learning_rate(t, self.step, self._progress(elapsed))
@@ -256,6 +267,9 @@ class Trainer:
                     interval.add(loss, grad_norm, lr, self.train_step.aux_loss)  # loss includes aux_loss
                     self.step += 1
                     self.tokens += self.tokens_per_step
+                    self.estimate.timed_step(self.step, clock.elapsed())
+                    if self._corrected is None and self.estimate.settled(clock.elapsed()):
+                        self._corrected = self._correct_estimate()
                     bar.update(int(clock.elapsed()) - bar.n if self._bar_in_seconds else 1)
                     if on_step:
                         asked = on_step(self.step) or None
@@ -368,6 +382,8 @@ class Trainer:
             "checkpoint": str(last) if last else None, "best_checkpoint": str(best) if best else None,
             "device": self.device.type, "precision": self.precision, "compile": self.compile,
             "processes": self.dist.world_size, "distributed": self.dist.mode,
+            "wall_s": round(time.perf_counter() - self._wall_start, 2),  # this process's loop, pauses included
+            "estimate": {"startup_s": round(self._startup_seconds, 2), **(self._corrected or {})},
             "peak_memory": peak_memory(self.device),  # this process's (CPU: resident set's high-water mark)
             "versions": {"gptlab": gptlab.__version__, "torch": torch.__version__},
         }
@@ -389,15 +405,38 @@ class Trainer:
                              else (self._planned_steps(), self.step, "step"))
         return tqdm(total=total, initial=done, unit=unit, dynamic_ncols=True, disable=not self.verbose, desc=self.run_dir.name)
 
-    def expected_seconds(self) -> float | None:
-        """Training time the run is expected to take: max_time, or the steps left at a typical MFU (a rough guess)."""
-        t, planned = self.cfg.train, self._planned_steps()
-        estimates = [t.max_time - self.clock.elapsed() if t.max_time else None,
-                     max(planned - self.step, 0) * self.tokens_per_step / self.expected_tokens_per_s() if planned else None]
-        return min((e for e in estimates if e is not None), default=None)
+    def expected_seconds(self) -> float:
+        """Training time the run has left (evaluation and the other pauses not counted): max_time, or the steps
+        left at the pace measured, or before any step at a typical MFU."""
+        return self._time_left()["train"]
 
-    def expected_tokens_per_s(self) -> float:
-        return self.peak * EXPECTED_MFU[self.device.type] / self.flops_per_token
+    def _guessed_pace(self) -> dict[str, float]:
+        """Seconds a step, an evaluation pause (its forward passes, then the checkpoint) and a sample pause
+        (one forward a token), at a typical MFU: the estimate before anything is measured."""
+        t, flops_per_s = self.cfg.train, self.peak * EXPECTED_MFU[self.device.type]
+        eval_tokens = self.validator.rows_per_evaluation() * self.cfg.model.context_length
+        checkpoint = self.model.num_params() * 16 / CHECKPOINT_BYTES_PER_S
+        forward = self.flops_per_token / 3  # flops_per_token counts forward + backward
+        return {"step": self.tokens_per_step * self.flops_per_token / flops_per_s,
+                "eval": eval_tokens * forward / flops_per_s + checkpoint + PAUSE_SECONDS,
+                "sample": t.sample_tokens * (forward / flops_per_s + 2e-3)}  # + a few ms of overhead a token
+
+    def _time_left(self) -> dict[str, float]:
+        """{"train", "pauses", "total"} seconds the run has left at the pace measured so far (guessed before)."""
+        t, planned = self.cfg.train, self._planned_steps()
+        return self.estimate.seconds_left(self.step, planned - self.step if planned else None,
+                                          max(t.max_time - self.clock.elapsed(), 0.0) if t.max_time else None)
+
+    def _correct_estimate(self) -> dict:
+        """Print the estimate from the steps (and evaluation) measured; returns it for the summary."""
+        left, wall = self._time_left(), time.perf_counter() - self._wall_start
+        step_s = self.estimate.pace("step")
+        tokens_per_s = self.tokens_per_step / step_s
+        evals = f", {self.estimate.pace('eval'):.1f} s an evaluation" if "eval" in self.estimate.measured else ""
+        self._print(f"gptlab train: measured {tokens_per_s:,.0f} tokens/s (MFU {tokens_per_s * self.flops_per_token / self.peak:.0%})"
+                    f"{evals}: about {_duration(left['total'])} to go, {_duration(wall + left['total'])} in all"
+                    f" (the start-up guess was {_duration(self._startup_seconds)})")
+        return {"corrected_s": round(wall + left["total"], 2), "corrected_at_step": self.step}
 
     def startup_line(self) -> str:
         parts = [
@@ -416,11 +455,10 @@ class Trainer:
                          if t.distill_on_policy else "")
             parts.append(f"distilling from {t.teacher} ({divergence}, weight {t.distill_weight:g}, temperature "
                          f"{t.distill_temperature:g}{on_policy})")
-        seconds, planned = self.expected_seconds(), self._planned_steps()
-        tokens = max(planned - self.step, 0) * self.tokens_per_step if planned else seconds * self.expected_tokens_per_s()
-        if planned and seconds * self.expected_tokens_per_s() < tokens:  # max_time comes first
-            tokens = seconds * self.expected_tokens_per_s()
-        parts.append(f"{tokens:,.0f} tokens to go, about {_duration(seconds)}")
+        left = self._time_left()
+        tokens = left["train"] / self.estimate.pace("step") * self.tokens_per_step
+        pauses = f" ({_duration(left['pauses'])} of it evaluating and saving)" if left["pauses"] > 0.05 * left["total"] else ""
+        parts.append(f"{tokens:,.0f} tokens to go, about {_duration(left['total'])}{pauses}")
         if self.step:
             parts.insert(0, f"resuming at step {self.step}")
         return "gptlab train: " + " | ".join(parts)

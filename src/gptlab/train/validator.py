@@ -102,6 +102,12 @@ class Validator:
                 x = batch[0]
                 yield batch
 
+    def rows_per_evaluation(self) -> int:
+        """Rows of context_length tokens one evaluation scores, on all ranks together."""
+        if not self.has_val:
+            return 0
+        return min(self._rows(), self.eval_batches * self.batch_size) if self.eval_batches else self._rows()
+
     def _rows(self) -> int:
         """Rows of the whole val split, as iter_eval_batches cuts it: packed conversations, or windows of text."""
         from gptlab.data.conversations import eval_rows, is_chat_data
