@@ -11,8 +11,8 @@ limited to min(its planned steps, --steps) steps and --max-seconds of training. 
     batch        a model whose step would take more than ~5 s here (gpt2.5, smollgpt, fineweb-edu on a CPU)
                  trains without gradient accumulation and with fewer sequences (context kept), so that a step
                  takes a few seconds, and evaluates 5 batches; the batch column shows what ran
-    compile      what compile=auto picks for the recipe's *full* plan (trainer: dist.pick_compile against
-                 device.COMPILE_MIN_SECONDS), passed explicitly, since the shortened run would never compile
+    compile      what compile=auto picks for the recipe's *full* plan (the trainer's rule,
+                 train.distributed.pick_compile), passed explicitly, since the shortened run would never compile
     early stop   off: the run must last its steps
     dropout      aurelius (dropout 0.1) runs once more with model.dropout=0: its cost is the tok/s ratio
 
@@ -47,8 +47,9 @@ from pathlib import Path
 import torch
 
 from gptlab.config import MODEL_PRESETS, Config, SourceConfig, config_from_dict, config_to_dict, load_config
-from gptlab.device import DTYPES, cpu_count, cpu_has_fast_bf16, peak_flops, pick_compile, pick_device, pick_precision
+from gptlab.device import DTYPES, cpu_count, cpu_has_fast_bf16, peak_flops, pick_device, pick_precision
 from gptlab.model import model_info
+from gptlab.train import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GPTLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -132,10 +133,7 @@ def plan(cfg: Config, args, notes: list[str]) -> dict:
     ctx, tokens_per_step = model.context_length, t.batch_size * t.grad_accum * model.context_length
     planned = min([x for x in (t.max_steps, t.max_tokens and math.ceil(t.max_tokens / tokens_per_step)) if x], default=None)
     expected = min([x for x in (t.max_time, planned and planned * tokens_per_step / rate) if x], default=None)
-    if t.compile == "auto" and world > 1 and device.type == "cpu":
-        compile = False  # distributed.Group.pick_compile: never under gloo on a CPU
-    else:
-        compile = pick_compile(t.compile, device, expected)
+    compile = distributed.pick_compile(t.compile, device, t.distributed if world > 1 else None, expected)
     batch, accum, eval_batches = t.batch_size, t.grad_accum, t.eval_batches
     if tokens_per_step / rate > SLOW_STEP_S:
         accum = 1

@@ -90,9 +90,7 @@ class Dist:
         return model
 
     def pick_compile(self, requested, planned_seconds: float | None) -> bool:
-        from gptlab.device import pick_compile
-
-        return pick_compile(requested, self.device, planned_seconds)
+        return pick_compile(requested, self.device, self.mode, planned_seconds)
 
     def whole_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module | None:
         """The model with all its weights on rank 0, None elsewhere (a collective: every rank calls it)."""
@@ -123,8 +121,6 @@ class Group(Dist):
         return wrap(model, self, precision)
 
     def pick_compile(self, requested, planned_seconds: float | None) -> bool:
-        if self.device.type == "cpu" and self.mode == "fsdp" and requested == "auto":
-            return False  # DDP's compiled CPU step is measured (1.6x the speedrun's eager one); FSDP's is not
         return from_main(super().pick_compile(requested, planned_seconds))  # rank 0 decides for all
 
     def whole_model(self, model: torch.nn.Module, rebuild) -> torch.nn.Module | None:
@@ -231,6 +227,16 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> tuple[
     agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout)
     attempt = agent.add(f"gptlab/starts/rank{rank}", 1) - 1
     return dist.PrefixStore(f"gptlab/attempt{attempt}/", agent), attempt
+
+
+def pick_compile(requested, device: torch.device, mode: str | None, planned_seconds: float | None) -> bool:
+    """train.compile resolved for a run of `mode` (None: one process, "ddp", "fsdp"): device.pick_compile's
+    rule, except that FSDP on a CPU is not compiled unless asked."""
+    from gptlab.device import pick_compile as pick_for_device
+
+    if device.type == "cpu" and mode == "fsdp" and requested == "auto":
+        return False  # DDP's compiled CPU step is measured (1.6x the speedrun's eager one); FSDP's is not
+    return pick_for_device(requested, device, planned_seconds)
 
 
 def wrap(model: torch.nn.Module, d: Dist, precision: str) -> torch.nn.Module:

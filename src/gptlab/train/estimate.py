@@ -26,7 +26,7 @@ class RunEstimate:
     def __init__(self, guess: dict[str, float], eval_every: int, sample_every: int):
         self.guess, self.eval_every, self.sample_every = guess, eval_every, sample_every
         self.measured: dict[str, float] = {}
-        self._timed_from: tuple[int, float] | None = None  # (step, training seconds) where step timing starts
+        self._timed_from = (0, 0.0)  # (step, training seconds) where step timing starts: the last warm-up step's
         self._steps_seen = self._timed = 0
         self.pauses = {"eval": 0, "sample": 0}  # pauses timed
 
@@ -39,7 +39,7 @@ class RunEstimate:
 
     def timed_step(self, step: int, trained: float) -> None:
         self._steps_seen += 1
-        if self._steps_seen <= WARMUP_STEPS or self._timed_from is None:
+        if self._steps_seen <= WARMUP_STEPS:
             self._timed_from = (step, trained)
             return
         first, since = self._timed_from
