@@ -31,6 +31,11 @@ Rows:
     python benchmarks/train_throughput.py --rows default,nanogpt_cpu,hf_llama_fp32
     OMP_WAIT_POLICY=PASSIVE python benchmarks/train_throughput.py   # see the note on busy machines below
 
+gptlab's rows run in this process under the allocator setting `gptlab train` makes (device.keep_freed_memory:
+glibc keeps freed memory, so a step's tensors do not fault fresh pages in); the nanoGPT and Llama rows run in
+a child process of their own with the C library's default malloc, as they run on their own
+(--peer-allocator=kept gives them gptlab's setting). The rows still take turns, round by round.
+
 MFU = model FLOPs per token (6 per weight of every matmul, the output head included, + 12 * layers *
 width * context for attention) x tokens/s / the peak of the row's dtype that `gptlab bench peak`
 measured on this machine (cached per device, dtype and thread count; measured now if not cached).
@@ -49,9 +54,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import tempfile
 import time
+import traceback
 
 import torch
 import torch.nn as nn
@@ -63,6 +70,7 @@ from gptlab.device import (
     autocast,
     can_compile,
     cpu_has_fast_bf16,
+    keep_freed_memory,
     peak_flops,
     pick_device,
     pick_precision,
@@ -178,7 +186,7 @@ def nanogpt_step(shape: dict, device: torch.device, precision: str = "fp32", com
     return step, sum(p.numel() for p in model.parameters()), model
 
 
-def hf_llama_step(shape: dict, device: torch.device, precision: str):
+def hf_llama_step(shape: dict, device: torch.device, precision: str, compile: bool = False):  # eager only
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = shape["d_model"]
@@ -236,6 +244,83 @@ def time_steps(step, batches, steps: int, sync) -> float:
     return (time.perf_counter() - start) / steps
 
 
+BUILDERS = {"gptlab": gptlab_step, "nanogpt": nanogpt_step, "hf": hf_llama_step}
+
+
+class Rows:
+    """Builds rows' training steps and times them in this process."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.built = device, {}
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def build(self, setting: tuple, shape: dict, batches: list, warmup: int, budget: float) -> tuple:
+        """Builds and warms up a (model, precision, compile) row: (params, warm-up s, last warm-up step s, FLOPs a token)."""
+        torch.manual_seed(0)
+        model, precision, compile = setting
+        step, params, net = BUILDERS[model](shape, self.device, precision, compile)
+        warm, pace = warm_up(step, batches, warmup, self.sync, budget)
+        self.built[setting] = (step, batches)
+        return params, warm, pace, flops_per_token(net, shape)
+
+    def time(self, setting: tuple, steps: int) -> float:
+        step, batches = self.built[setting]
+        return time_steps(step, batches, steps, self.sync)
+
+    def reset(self) -> None:
+        self.built.clear()
+        torch._dynamo.reset()
+
+
+class PeerProcess:
+    """The peers' rows (nanoGPT, HF Llama) run in a child process, as they would run on their own.
+
+    gptlab's rows run here under the allocator setting `gptlab train` makes (device.keep_freed_memory), which
+    holds for the whole process; the peers keep glibc's default malloc (or gptlab's with --peer-allocator=kept).
+    The child waits on its pipe while a row runs here, so the rows still take turns round by round.
+    """
+
+    def __init__(self, device: torch.device, threads: int, allocator: str):
+        context = multiprocessing.get_context("spawn")  # a fork of a process with OpenMP threads can hang
+        self.pipe, child_end = context.Pipe()
+        self.process = context.Process(target=_serve_peer_rows, args=(child_end, device.type, threads, allocator),
+                                       daemon=True)
+        self.process.start()
+
+    def _call(self, method: str, *args):
+        self.pipe.send((method, args))
+        ok, value = self.pipe.recv()
+        if not ok:
+            raise RuntimeError(f"the peer process failed in {method}:\n{value}")
+        return value
+
+    def build(self, *args) -> tuple:
+        return self._call("build", *args)
+
+    def time(self, *args) -> float:
+        return self._call("time", *args)
+
+    def reset(self) -> None:
+        self._call("reset")
+
+    def close(self) -> None:
+        self.pipe.send(None)
+        self.process.join(timeout=30)
+
+
+def _serve_peer_rows(pipe, device_type: str, threads: int, allocator: str) -> None:
+    set_threads(threads)
+    if allocator == "kept" and device_type == "cpu":
+        keep_freed_memory()
+    rows = Rows(torch.device(device_type))
+    while (request := pipe.recv()) is not None:
+        method, args = request
+        try:
+            pipe.send((True, getattr(rows, method)(*args)))
+        except Exception:  # handed to the parent, which stops the benchmark with it
+            pipe.send((False, traceback.format_exc()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shapes", default="nano,4m,16m", help="comma-separated: " + ",".join(SHAPES))
@@ -247,6 +332,8 @@ def main() -> None:
                         help="time budget per row and shape: slow rows time fewer steps (default 60)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = every core)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--peer-allocator", choices=("default", "kept"), default="default",
+                        help="the peers' malloc: the C library's default (as they run) or kept as gptlab's is")
     parser.add_argument("--warm-cache", action="store_true",
                         help="reuse torch.compile's on-disk cache (default: a fresh one, so warm-up is a first run's)")
     args = parser.parse_args()
@@ -255,11 +342,13 @@ def main() -> None:
 
     device = pick_device(args.device)
     threads = set_threads(args.threads)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    kept = device.type == "cpu" and keep_freed_memory()  # as `gptlab train` does
     default = (pick_precision("auto", device), can_compile(device))  # what train.precision/compile=auto pick for a long run
     print(f"device {device.type}, {threads} threads, torch {torch.__version__}; native bf16 on this CPU: "
           f"{cpu_has_fast_bf16()}; gptlab default = precision {default[0]}, compile {'on' if default[1] else 'off'}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    print(f"gptlab rows: {'freed memory kept for the next step' if kept else 'the C library default malloc'} (as gptlab "
+          f"train does); nanoGPT and Llama rows: a process of their own, {args.peer_allocator} malloc")
     peaks = {name: peak_flops(device, DTYPES[name]) for name in ("fp32", "bf16")}
     print("MFU peak (gptlab bench peak, cached): " + ", ".join(f"{k} {v / 1e9:,.1f} GFLOP/s" for k, v in peaks.items()))
     print(f"each row: {args.warmup} warm-up steps, then {args.rounds} rounds of up to {args.steps} timed steps "
@@ -287,6 +376,8 @@ def main() -> None:
               f"{'MFU':>6} {'vs nanogpt':>10} {'vs fp32 eager':>13}")
     print(header)
     print("-" * len(header))
+    here = Rows(device)
+    peers = PeerProcess(device, threads, args.peer_allocator) if any(settings[k][0] != "gptlab" for k in wanted) else None
     results: dict[str, dict[str, dict]] = {}
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
@@ -295,24 +386,17 @@ def main() -> None:
                    for t in (torch.randint(0, V, (B, T + 1), device=device) for _ in range(4))]
         steps, built = {}, {}  # rows with the same settings share one model and one timing (default = fp32_compile)
         for key in wanted:
-            if settings[key] in built:
-                steps[key] = built[settings[key]]
-                continue
-            torch.manual_seed(0)
-            model, precision, compile = settings[key]
-            if model == "gptlab":
-                step, params, net = gptlab_step(shape, device, precision, compile)
-            elif model == "nanogpt":
-                step, params, net = nanogpt_step(shape, device, precision, compile)
-            else:
-                step, params, net = hf_llama_step(shape, device, precision)
-            warm, pace = warm_up(step, batches, args.warmup, sync, args.row_seconds / 2)
-            n = max(1, min(args.steps, int(args.row_seconds / 2 / args.rounds / pace)))
-            steps[key] = built[settings[key]] = (step, params, warm, n, flops_per_token(net, shape) / peaks[precision])
+            setting = settings[key]
+            if setting not in built:
+                runner = here if setting[0] == "gptlab" else peers
+                params, warm, pace, flops = runner.build(setting, shape, batches, args.warmup, args.row_seconds / 2)
+                n = max(1, min(args.steps, int(args.row_seconds / 2 / args.rounds / pace)))
+                built[setting] = (runner, params, warm, n, flops / peaks[setting[1]])
+            steps[key] = built[setting]
         best = {setting: math.inf for setting in built}
         for _ in range(args.rounds):
-            for setting, (step, _, _, n, _) in built.items():
-                best[setting] = min(best[setting], time_steps(step, batches, n, sync))
+            for setting, (runner, _, _, n, _) in built.items():
+                best[setting] = min(best[setting], runner.time(setting, n))
         results[shape_name] = {key: {"tok_s": B * T / best[settings[key]], "ms_step": 1000 * best[settings[key]],
                                      "warmup_s": steps[key][2], "params": steps[key][1], "steps": steps[key][3],
                                      "mfu": B * T / best[settings[key]] * steps[key][4]}
@@ -323,9 +407,11 @@ def main() -> None:
             print(f"{shape_name:6} {labels[key]:31} {r['params'] / 1e6:7.2f}M {r['tok_s']:10,.0f} {r['ms_step']:9.1f} "
                   f"{r['steps']:5} {r['warmup_s']:9.1f} {100 * r['mfu']:5.1f}% {ratios[0]:>10} {ratios[1]:>13}", flush=True)
         _compile_note(results[shape_name])
-        del steps, built
-        torch._dynamo.reset()
+        for runner in filter(None, (here, peers)):
+            runner.reset()
 
+    if peers:
+        peers.close()
     name = "4m" if "4m" in results else next(iter(results))
     r = results[name]
     get = lambda key: r[key]["tok_s"] if key in r else float("nan")  # noqa: E731  (nan for a row not run, or None)

@@ -9,6 +9,7 @@ bf16 step is several times *slower* than fp32.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -58,6 +59,30 @@ def set_threads(threads: int) -> int:
     n = threads or cpu_count()
     torch.set_num_threads(n)
     return n
+
+
+# glibc's malloc hands large freed blocks back to the kernel (munmap, or trimming the heap's top), so the next
+# step's tensors land on fresh pages, each zeroed by a page fault: a 4M-shape bf16 step faulted in ~38,000 pages
+# (150 MB) a step, and keeping freed memory made the same compiled step 1.14-1.19x faster, 0 faults a step
+# (2 AVX-512-BF16 cores, 2026-12-04; benchmarks/SPEEDRUN.md). Blocks up to glibc's 32 MiB limit then come from
+# the heap and stay there; larger ones are still mapped and unmapped each time.
+KEEP_FREED_BELOW = 32 << 20  # M_MMAP_THRESHOLD: glibc's maximum
+KEEP_FREED_UP_TO = 1 << 30  # M_TRIM_THRESHOLD: free heap memory above this goes back to the kernel
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next step instead of returning it; process-wide, for good.
+
+    A training process reuses the same sizes every step, so its resident memory stays at the peak it reached
+    anyway; what changes is that the pages are not faulted in again. False where the C library is not glibc
+    (macOS, musl), which is left as it is.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BELOW) and libc.mallopt(M_TRIM_THRESHOLD, KEEP_FREED_UP_TO))
 
 
 @functools.cache

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 import gptlab
 from gptlab import runs
 from gptlab.config import Config, Override, config_to_dict
-from gptlab.device import DTYPES, cpu_count, peak_flops, peak_memory, pick_precision, set_threads
+from gptlab.device import DTYPES, cpu_count, keep_freed_memory, peak_flops, peak_memory, pick_precision, set_threads
 from gptlab.errors import GptlabError
 from gptlab.files import atomic_write_json, make_dirs
 from gptlab.model import lora
@@ -146,6 +146,8 @@ class Trainer:
         # ---- the machine (the processes of a node share its cores)
         self.device = dist.device
         self.threads = set_threads(t.threads or max(1, cpu_count() // dist.local_world_size))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults for the next step's tensors (device.py)
         self.precision = pick_precision(t.precision, self.device)
         dist.check(t, self.precision)
 
