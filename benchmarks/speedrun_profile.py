@@ -25,7 +25,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gptlab.device import DTYPES, peak_flops, pick_device, pick_precision, set_threads
+from gptlab.device import DTYPES, keep_freed_memory, peak_flops, pick_device, pick_precision, set_threads
 from gptlab.model import build_model
 from gptlab.speedrun import load_speedrun_config
 from gptlab.train.optim import build_optimizer
@@ -43,6 +43,8 @@ def main() -> None:
     cfg = load_speedrun_config(args.recipe, overrides)
     threads = set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the trainer does: the profile shows its step, not page faults it no longer has
     precision = pick_precision(cfg.train.precision, device)
     cfg.model.vocab_size = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     model = build_model(cfg.model, device)
