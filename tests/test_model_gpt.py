@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from gptlab.config import ModelConfig, load_config
 from gptlab.errors import GptlabError
 from gptlab.model import GPT, build_model, check_vocab
-from gptlab.model.gpt import CosineNorm, RMSNorm
+from gptlab.model.gpt import CosineNorm, RMSNorm, written_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -82,6 +82,16 @@ def test_plain_attention_matches_sdpa(n_kv_head, position):
     (a, loss_a), (b, loss_b) = fused(x, y, return_logits=True), plain(x, y, return_logits=True)
     assert (a - b).abs().max() < 1e-5
     assert abs(loss_a.item() - loss_b.item()) < 1e-5
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_written_attention_in_causal_slices_is_the_fused_kernels(blocks):
+    """The causal slices (each query slice against the keys up to its last position, the diagonal masked by an
+    added -inf) give the fused kernel's causal attention, slices of unequal size and grouped heads included."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert (written_attention(q, k, v, None, blocks) - expected).abs().max() < 1e-5
 
 
 def test_attention_dropout_keeps_the_fused_kernel():
