@@ -43,8 +43,7 @@ def main() -> None:
     cfg = load_speedrun_config(args.recipe, overrides)
     threads = set_threads(cfg.train.threads)
     device = pick_device(cfg.train.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as the trainer does: the profile shows its step, not page faults it no longer has
+    keep_freed_memory(device)  # as the trainer does: the profile shows its step, not page faults it no longer has
     precision = pick_precision(cfg.train.precision, device)
     cfg.model.vocab_size = cfg.model.vocab_size or cfg.tokenizer.vocab_size
     model = build_model(cfg.model, device)

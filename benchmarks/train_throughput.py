@@ -310,8 +310,8 @@ class PeerProcess:
 
 def _serve_peer_rows(pipe, device_type: str, threads: int, allocator: str) -> None:
     set_threads(threads)
-    if allocator == "kept" and device_type == "cpu":
-        keep_freed_memory()
+    if allocator == "kept":
+        keep_freed_memory(device_type)
     rows = Rows(torch.device(device_type))
     while (request := pipe.recv()) is not None:
         method, args = request
@@ -342,7 +342,7 @@ def main() -> None:
 
     device = pick_device(args.device)
     threads = set_threads(args.threads)
-    kept = device.type == "cpu" and keep_freed_memory()  # as `gptlab train` does
+    kept = keep_freed_memory(device)  # as `gptlab train` does
     default = (pick_precision("auto", device), can_compile(device))  # what train.precision/compile=auto pick for a long run
     print(f"device {device.type}, {threads} threads, torch {torch.__version__}; native bf16 on this CPU: "
           f"{cpu_has_fast_bf16()}; gptlab default = precision {default[0]}, compile {'on' if default[1] else 'off'}; "

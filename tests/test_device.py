@@ -36,3 +36,9 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_steps_tensors():
     assert kept == "True"
     assert int(kept_faults) < 50  # a 16 MiB tensor is 4,096 pages
     assert int(default_faults) > 4000  # every page of every tensor, as the unmapped memory comes back
+
+
+def test_keep_freed_memory_leaves_malloc_alone_for_another_device():
+    from gptlab.device import keep_freed_memory
+
+    assert keep_freed_memory("cuda") is False  # a GPU run's tensors are not the C library's

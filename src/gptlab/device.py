@@ -71,14 +71,19 @@ KEEP_FREED_UP_TO = 1 << 30  # M_TRIM_THRESHOLD: free heap memory above this goes
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for the next step instead of returning it; process-wide, for good.
+def keep_freed_memory(device: torch.device | str = "cpu") -> bool:
+    """For a run on a CPU: make glibc's malloc keep freed memory for the next step instead of returning it;
+    process-wide, for good.
 
     A training process reuses the same sizes every step, so its resident memory stays at the peak it reached
-    anyway; what changes is that the pages are not faulted in again. False where the C library is not glibc
-    (macOS, musl), which is left as it is.
+    anyway; what changes is that the pages are not faulted in again. False (nothing done) for another device,
+    whose tensors are not the C library's, and where the C library is not glibc (macOS, musl).
     """
+    return torch.device(device).type == "cpu" and _keep_freed_glibc_memory()
+
+
+@functools.cache
+def _keep_freed_glibc_memory() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on

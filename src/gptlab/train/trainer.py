@@ -146,8 +146,7 @@ class Trainer:
         # ---- the machine (the processes of a node share its cores)
         self.device = dist.device
         self.threads = set_threads(t.threads or max(1, cpu_count() // dist.local_world_size))
-        if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults for the next step's tensors (device.py)
+        keep_freed_memory(self.device)  # on a CPU: no page faults for the next step's tensors (device.py)
         self.precision = pick_precision(t.precision, self.device)
         dist.check(t, self.precision)
 
