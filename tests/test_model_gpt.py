@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from gptlab.config import ModelConfig, load_config
 from gptlab.errors import GptlabError
-from gptlab.model import GPT, build_model, check_vocab
+from gptlab.model import GPT, build_model, check_vocab, gpt
 from gptlab.model.gpt import CosineNorm, RMSNorm, written_attention
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -87,11 +87,34 @@ def test_plain_attention_matches_sdpa(n_kv_head, position):
 @pytest.mark.parametrize("blocks", [1, 3, 4])
 def test_written_attention_in_causal_slices_is_the_fused_kernels(blocks):
     """The causal slices (each query slice against the keys up to its last position, the diagonal masked by an
-    added -inf) give the fused kernel's causal attention, slices of unequal size and grouped heads included."""
+    added -inf) give the fused kernel's causal attention and its gradients (the scores' backward is written out:
+    QueryKeyScores), slices of unequal size and grouped heads included."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)
-    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert (written_attention(q, k, v, None, blocks) - expected).abs().max() < 1e-5
+    inputs = [torch.randn(2, 4, 30, 8), torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8)]
+    grad_out = torch.randn(2, 4, 30, 8)
+    results = []
+    for attention in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+                      lambda q, k, v: written_attention(q, k, v, None, blocks)):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        y = attention(q, k, v)
+        y.backward(grad_out)
+        results.append([y, q.grad, k.grad, v.grad])
+    for expected, written in zip(*results):
+        assert (written - expected).abs().max() < 1e-5
+
+
+def test_written_gelu_is_the_exact_gelu():
+    """The GELU a compiled CPU step runs (a rational erf, its derivative written out) gives F.gelu's values and
+    gradients to fp32 rounding, erf's tails included; a GELU MLP uses it."""
+    x = torch.linspace(-12, 12, 20_001)
+    assert (gpt.rational_erf(x) - torch.erf(x)).abs().max() < 1e-6
+    written, exact = (x.clone().requires_grad_() for _ in range(2))
+    grad_out = torch.randn_like(x)
+    gpt.WrittenGelu.apply(written).backward(grad_out)
+    F.gelu(exact).backward(grad_out)
+    assert (gpt.WrittenGelu.apply(x) - F.gelu(x)).abs().max() < 2e-6
+    assert (written.grad - exact.grad).abs().max() < 2e-6
+    assert gpt.MLPS["gelu"][1] is gpt.gelu and gpt.MLPS["geglu"][1] is gpt.gelu
 
 
 def test_attention_dropout_keeps_the_fused_kernel():
@@ -232,9 +255,8 @@ def test_safetensors_round_trip(tiny_model, tiny_model_config, tmp_path):
 
 def test_compiled_bf16_cpu_step_writes_attention_out_and_keeps_the_loss_and_gradients(monkeypatch):
     """Compiled in bf16 on a CPU, attention is written out in causal blocks (faster than the fused kernel's
-    backward there): the loss and gradients stay the eager step's, within bf16's precision."""
-    from gptlab.model import gpt
-
+    backward there) and GELU with a rational erf: the loss and gradients stay the eager step's, within bf16's
+    precision."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, context_length=30))
     x, y = torch.randint(0, 64, (2, 30)), torch.randint(0, 64, (2, 30))

@@ -81,9 +81,13 @@ class TrainStep:
         with record_function("clip"):
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, already reduced over the shards
-                grad_norm = grad_norm.full_tensor()
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, reduced
+            # A CPU reads the norm without waiting for a device: the pass over every gradient that scales them is
+            # skipped when nothing clips (4m shape: 1.6 of ~380 ms a step). Elsewhere it always runs (no sync).
+            if self.device.type != "cpu" or grad_norm > self.grad_clip:
+                torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm, foreach=True)
         with record_function("optimizer"):
             if self.scaler:
                 self.scaler.step(self.optimizer)  # skips the step when fp16 gradients overflowed
