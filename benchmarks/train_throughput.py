@@ -45,9 +45,12 @@ On a machine where other processes are busy, OpenMP's default of spinning at eve
 partner needs): the first line prints OMP_WAIT_POLICY; PASSIVE makes waiting threads sleep.
 
 The last line is `RESULT shape=4m cpu=<capability> gptlab_tok_s=... nanogpt_best_tok_s=... nanogpt_best=<row>
-vs_nanogpt_best=... nanogpt_cpu_tok_s=... fp32_eager_tok_s=... hf_llama_bf16_tok_s=... vs_nanogpt_cpu=...
-vs_fp32_eager=... vs_hf_llama=... mfu=... peak_fp32_gflops=... peak_bf16_gflops=...` (the first shape
-measured if 4m is not among them; vs_hf_llama against the faster of the two Llama rows measured).
+vs_nanogpt_best=... vs_nanogpt_best_paired=... nanogpt_cpu_tok_s=... fp32_eager_tok_s=... hf_llama_bf16_tok_s=...
+vs_nanogpt_cpu=... vs_fp32_eager=... vs_hf_llama=... mfu=... peak_fp32_gflops=... peak_bf16_gflops=...` (the first
+shape measured if 4m is not among them; vs_hf_llama against the faster of the two Llama rows measured).
+vs_nanogpt_best compares each row's best round; vs_nanogpt_best_paired is the median over rounds of the two rows'
+ratio within a round, steadier where the machine's speed drifts from minute to minute (more --rounds, steadier
+still: `--rows default,nanogpt_bf16_compile --rounds 10`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import argparse
 import math
 import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 import traceback
@@ -393,13 +397,14 @@ def main() -> None:
                 n = max(1, min(args.steps, int(args.row_seconds / 2 / args.rounds / pace)))
                 built[setting] = (runner, params, warm, n, flops / peaks[setting[1]])
             steps[key] = built[setting]
-        best = {setting: math.inf for setting in built}
+        rounds = {setting: [] for setting in built}  # a step's seconds, round by round
         for _ in range(args.rounds):
             for setting, (runner, _, _, n, _) in built.items():
-                best[setting] = min(best[setting], runner.time(setting, n))
+                rounds[setting].append(runner.time(setting, n))
+        best = {setting: min(seconds) for setting, seconds in rounds.items()}
         results[shape_name] = {key: {"tok_s": B * T / best[settings[key]], "ms_step": 1000 * best[settings[key]],
                                      "warmup_s": steps[key][2], "params": steps[key][1], "steps": steps[key][3],
-                                     "mfu": B * T / best[settings[key]] * steps[key][4]}
+                                     "mfu": B * T / best[settings[key]] * steps[key][4], "rounds": rounds[settings[key]]}
                                for key in steps}
         for key, r in results[shape_name].items():
             ratios = [f"{r['tok_s'] / base['tok_s']:.2f}x" if base else ""
@@ -418,12 +423,18 @@ def main() -> None:
     llama = max((get(k) for k in ("hf_llama_bf16", "hf_llama_fp32") if k in r), default=float("nan"))
     nano_best = max((k for k in NANOGPT_ROWS if k in r), key=get, default=None)  # the fastest nanoGPT setting run here
     mfu = r["default"]["mfu"] if "default" in r else float("nan")
+    # The same comparison paired round by round (each round's default against that round's nanoGPT row): a
+    # machine whose speed drifts over minutes moves both halves of a pair, where best-of-rounds can pick each
+    # row's best from a different minute.
+    paired = (sorted(nano / ours for ours, nano in zip(r["default"]["rounds"], r[nano_best]["rounds"]))
+              if nano_best and "default" in r else [float("nan")])
     if nano_best:
         print(f"fastest nanoGPT setting here: {labels[nano_best]} ({get(nano_best):,.0f} tokens/s); gptlab default "
-              f"{get('default') / get(nano_best):.2f}x it")
+              f"{get('default') / get(nano_best):.2f}x it (best rounds); round by round: median "
+              f"{statistics.median(paired):.2f}x, range {paired[0]:.2f}-{paired[-1]:.2f}x over {len(paired)} rounds")
     print(f"RESULT shape={name} cpu={torch.backends.cpu.get_cpu_capability()} gptlab_tok_s={get('default'):.0f} "
           f"nanogpt_best_tok_s={get(nano_best):.0f} nanogpt_best={nano_best} "
-          f"vs_nanogpt_best={get('default') / get(nano_best):.2f} "
+          f"vs_nanogpt_best={get('default') / get(nano_best):.2f} vs_nanogpt_best_paired={statistics.median(paired):.2f} "
           f"nanogpt_cpu_tok_s={get('nanogpt_cpu'):.0f} fp32_eager_tok_s={get('fp32_eager'):.0f} "
           f"hf_llama_bf16_tok_s={get('hf_llama_bf16'):.0f} vs_nanogpt_cpu={get('default') / get('nanogpt_cpu'):.2f} "
           f"vs_fp32_eager={get('default') / get('fp32_eager'):.2f} vs_hf_llama={get('default') / llama:.2f} mfu={mfu:.3f} "
