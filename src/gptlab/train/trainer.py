@@ -34,6 +34,7 @@ so they always take the same branch and meet at the same collectives; only rank
 
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import time
@@ -234,6 +235,10 @@ class Trainer:
         if self.dist.main:
             runs.write_status(self.run_dir, "training", step=self.step)
         clock.start()
+        # Python's cycle collector rescans every object that has survived: in a process holding a large heap (a
+        # notebook, a test session, torch.compile's graphs) each full pass stalls training for 0.1-1 s. What is
+        # alive as training starts, and after the first (compiling) step, is set aside for the run (gc.freeze).
+        gc.freeze()
         try:
             with self.signals.caught():
                 while True:
@@ -268,6 +273,8 @@ class Trainer:
                     interval.add(loss, grad_norm, lr, self.train_step.aux_loss)  # loss includes aux_loss
                     self.step += 1
                     self.tokens += self.tokens_per_step
+                    if self.step == first + 1:
+                        gc.freeze()
                     self.estimate.timed_step(self.step, clock.elapsed())
                     if self._corrected is None and self.estimate.settled(clock.elapsed()):
                         self._corrected = self._correct_estimate()
@@ -282,6 +289,7 @@ class Trainer:
             raise GptlabError(f"training diverged: {e}; {good}",
                               "lower train.lr, raise train.warmup_steps or keep train.grad_clip on, then start again") from None
         finally:
+            gc.unfreeze()
             bar.close()
             self.metrics.close()
             if self.dist.main and stopped is None:  # diverged, or an exception
