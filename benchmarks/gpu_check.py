@@ -6,6 +6,8 @@
     report    a finished run's training speed from its metrics.csv: tokens/s and MFU once compiled
     generate  generation tokens/s of a run: gptlab's generate() (KV cache; what `gptlab sample` runs) at
               batch 1 and 8, against recomputing the whole sequence for every token (no cache)
+    profile   where the run's training step spends its time: the kernels (on a CPU, the operators) that take
+              the most of a few profiled steps of the run's model, batch and settings, grouped by kind
 
 Each prints what it did and, as its last line, `key=value ...`, which the shell script reads.
 """
@@ -193,9 +195,9 @@ def generate(args) -> int:
         sync()
         return time.perf_counter() - start
 
-    def cached(batch: int):
+    def cached(batch: int, compile: bool | str = "auto"):
         return lambda tokens: gptlab_generate(model, tokenizer, [args.prompt], SampleConfig(
-            max_new_tokens=tokens, num_samples=batch, temperature=0.8, stop_at_eos=False, seed=0))
+            max_new_tokens=tokens, num_samples=batch, temperature=0.8, stop_at_eos=False, seed=0, compile=compile))
 
     @torch.no_grad()
     def recomputed(tokens: int):  # the whole sequence through the model for every new token
@@ -206,12 +208,94 @@ def generate(args) -> int:
 
     rows = [("generate, KV cache", 1, timed(cached(1))), ("generate, KV cache", 8, timed(cached(8))),
             ("no cache (recompute)", 1, timed(recomputed))]
+    if args.compiled:  # the decode step compiled (its warm-up compiles it; compile="auto" would not, at this length)
+        rows.append(("KV cache, compiled", 1, timed(cached(1, compile=True))))
     print(f"{'generation':22} {'batch':>5} {'new tokens':>10} {'s':>7} {'tokens/s':>10}   ({device.type}, fp32, "
           f"prompt {args.prompt!r})")
     for name, batch, seconds in rows:
         print(f"{name:22} {batch:5d} {n * batch:10d} {seconds:7.2f} {n * batch / seconds:10,.1f}")
     print(f"KV cache vs recompute at batch 1: {rows[2][2] / rows[0][2]:.2f}x")
-    last_line(gen_tokens_per_s=f"{n / rows[0][2]:.1f}", gen_batch8_tokens_per_s=f"{8 * n / rows[1][2]:.1f}")
+    compiled = {"gen_compiled_tokens_per_s": f"{n / rows[3][2]:.1f}"} if args.compiled else {}
+    last_line(gen_tokens_per_s=f"{n / rows[0][2]:.1f}", gen_batch8_tokens_per_s=f"{8 * n / rows[1][2]:.1f}", **compiled)
+    return 0
+
+
+# --------------------------------------------------------------------------- profile
+
+# Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs are named gemm, sm90_xmma, nvjet, cutlass;
+# flash attention flash/fmha; inductor's fused elementwise and reduction kernels triton_*).
+KINDS = [("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
+         ("loss", ("cross_entropy", "nll", "log_softmax")),
+         ("attention", ("flash", "fmha", "attention", "efficient")),
+         ("optimizer and clipping", ("multi_tensor", "fused_adam", "adam", "muon", "foreach")),
+         ("fused elementwise (triton)", ("triton",))]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def profile(args) -> int:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from gptlab.device import keep_freed_memory, pick_device, pick_precision
+    from gptlab.model import build_model
+    from gptlab.runs import load_run_config
+    from gptlab.train.optim import build_optimizer
+    from gptlab.train.step import TrainStep
+
+    cfg = load_run_config(args.run)
+    summary = json.loads((Path(args.run) / "summary.json").read_text())
+    device = pick_device(cfg.train.device)
+    keep_freed_memory(device)
+    precision, compiled = pick_precision(summary["precision"], device), bool(summary["compile"])
+    model = build_model(cfg.model, device)
+    step = TrainStep(model, build_optimizer(model, cfg.train, device), device, precision, cfg.train.grad_clip, compiled)
+    batch, ctx = cfg.train.batch_size, cfg.model.context_length
+    data = torch.randint(0, cfg.model.vocab_size, (batch, ctx + 1), device=device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def run(steps: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(lambda: (data[:, :-1], data[:, 1:]), cfg.train.grad_accum, cfg.train.lr)
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    run(3)  # compiles (inductor's cache from the training stage makes this quick) and warms up
+    step_s = run(args.steps)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        run(args.steps)
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    # On a GPU the kernels alone: an operator (aten::mm) and inductor's launcher (named as its kernel) also carry
+    # their kernels' time, which would count it twice. On a CPU, the operators, less the trainer's phase labels
+    # and the optimizer's span, which cover other operators.
+    labels = ("forward", "backward", "clip", "optimizer", "Optimizer.", "ProfilerStep")
+    events = [e for e in prof.key_averages() if own(e) > 0 and (
+        e.device_type == DeviceType.CUDA if cuda else not e.key.startswith(labels))]
+    total = sum(own(e) for e in events) or 1
+    tokens = batch * ctx * cfg.train.grad_accum
+    print(f"{cfg.model.n_layer} layers x {cfg.model.d_model}, ctx {ctx}, batch {batch} x {cfg.train.grad_accum}, "
+          f"{precision}, compile {compiled}, {device.type}: {step_s * 1e3:.1f} ms a step, {tokens / step_s:,.0f} tokens/s "
+          f"(unprofiled; {args.steps} steps)")
+    by_kind: dict[str, float] = {}
+    for e in events:
+        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0) + own(e)
+    print(f"\n{'kind':30} {'ms/step':>8} {'share':>6}   ({'kernel' if cuda else 'operator self'} time)")
+    for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{kind:30} {t / 1e3 / args.steps:8.2f} {t / total:6.1%}")
+    print(f"{'(sum)':30} {total / 1e3 / args.steps:8.2f}  of {step_s * 1e3:.1f} ms wall a step")
+    print(f"\n{'kernel' if cuda else 'operator':90} {'ms/step':>8} {'share':>6} {'calls':>6}")
+    for e in sorted(events, key=own, reverse=True)[: args.top]:
+        print(f"{e.key[:90]:90} {own(e) / 1e3 / args.steps:8.2f} {own(e) / total:6.1%} {e.count // args.steps:6d}")
+    last_line(step_ms=f"{step_s * 1e3:.1f}", busy_share=f"{total / 1e6 / args.steps / step_s:.3f}",
+              **{f"{k.split()[0]}_share": f"{by_kind.get(k, 0) / total:.3f}" for k, _ in KINDS})
     return 0
 
 
@@ -236,8 +320,13 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=256, help="new tokens a row")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--compiled", action="store_true", help="also a row with the decode step compiled")
+    p = sub.add_parser("profile")
+    p.add_argument("run")
+    p.add_argument("--steps", type=int, default=5, help="steps timed, then as many profiled")
+    p.add_argument("--top", type=int, default=25, help="kernels listed")
     args = parser.parse_args()
-    return {"env": env, "data": data, "report": report, "generate": generate}[args.command](args)
+    return {"env": env, "data": data, "report": report, "generate": generate, "profile": profile}[args.command](args)
 
 
 if __name__ == "__main__":
