@@ -223,12 +223,13 @@ def generate(args) -> int:
 # --------------------------------------------------------------------------- profile
 
 # Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs are named gemm, sm90_xmma, nvjet, cutlass;
-# flash attention flash/fmha; inductor's fused elementwise and reduction kernels triton_*).
+# flash attention flash/fmha; inductor's fused elementwise and reduction kernels triton_* on a GPU, cpp_fused_* on
+# a CPU, where the profiler names them only with inductor's config.cpp.enable_kernel_profile).
 KINDS = [("matmul", ("gemm", "xmma", "nvjet", "cutlass", "aten::mm", "aten::addmm", "aten::bmm")),
          ("loss", ("cross_entropy", "nll", "log_softmax")),
          ("attention", ("flash", "fmha", "attention", "efficient")),
          ("optimizer and clipping", ("multi_tensor", "fused_adam", "adam", "muon", "foreach")),
-         ("fused elementwise (triton)", ("triton",))]
+         ("fused elementwise (inductor)", ("triton", "cpp_fused"))]
 
 
 def kind_of(name: str) -> str:
@@ -286,7 +287,8 @@ def profile(args) -> int:
           f"(unprofiled; {args.steps} steps)")
     by_kind: dict[str, float] = {}
     for e in events:
-        by_kind[kind_of(e.key)] = by_kind.get(kind_of(e.key), 0) + own(e)
+        kind = kind_of(e.key)
+        by_kind[kind] = by_kind.get(kind, 0) + own(e)
     print(f"\n{'kind':30} {'ms/step':>8} {'share':>6}   ({'kernel' if cuda else 'operator self'} time)")
     for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"{kind:30} {t / 1e3 / args.steps:8.2f} {t / total:6.1%}")
