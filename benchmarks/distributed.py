@@ -22,9 +22,14 @@ slows a round down; a row slower than --row-seconds times fewer steps.
 
     python benchmarks/distributed.py                       # both shapes (under 4 minutes on 2 busy cores)
     python benchmarks/distributed.py --shapes 4m --steps 3
+    python benchmarks/distributed.py --optimizer muon      # Muon (DDP only): its work shared out vs done whole
+
+With --optimizer muon the FSDP row (which cannot run Muon) gives way to "ddp, Muon whole": every process
+orthogonalising every matrix, as before the processes shared that work (optim.Muon's `ranks`).
 
 The last line is `RESULT shape=16m single_tok_s=... ddp_tok_s=... fsdp_tok_s=... ddp_vs_single=...
-fsdp_vs_single=... ddp_comm_share=... fsdp_comm_share=...` (the first shape measured if 16m is not among them).
+fsdp_vs_single=... ddp_comm_share=... fsdp_comm_share=...` (the first shape measured if 16m is not among them);
+with Muon `ddp_whole_tok_s=... shared_vs_whole=...` in place of the FSDP figures.
 """
 
 from __future__ import annotations
@@ -53,17 +58,21 @@ SHAPES = {
     "16m": dict(n_layer=8, d_model=384, n_head=6, context_length=256, vocab=4096),
 }
 BATCH = 16  # rows of the global batch
-MODES = ["nocomm", "ddp", "fsdp"]
+MODES = {"adamw": ["nocomm", "ddp", "fsdp"], "muon": ["nocomm", "ddp", "ddp_whole"]}
 
 
-def make_step(shape: dict, d: distributed.Dist | None, mode: str | None):
-    """The trainer's step on a model of `shape`: plain, or wrapped for `mode` as the trainer wraps it."""
+def make_step(shape: dict, d: distributed.Dist | None, mode: str | None, optimizer: str = "adamw"):
+    """The trainer's step on a model of `shape`: plain, or wrapped for `mode` as the trainer wraps it. Under
+    "ddp" Muon's processes share its work, as in the trainer; "ddp_whole" is DDP with each doing all of it."""
     torch.manual_seed(0)
     cfg = ModelConfig(n_layer=shape["n_layer"], d_model=shape["d_model"], n_head=shape["n_head"],
                       context_length=shape["context_length"], vocab_size=shape["vocab"])
     model = build_model(cfg).train()
-    wrapped = distributed.wrap(model, dataclasses.replace(d, mode=mode), "fp32") if mode in ("ddp", "fsdp") else model
-    step = TrainStep(wrapped, build_optimizer(model, TrainConfig(lr=1e-3), torch.device("cpu")), torch.device("cpu"), "fp32")
+    wrap = {"ddp_whole": "ddp"}.get(mode, mode)
+    wrapped = distributed.wrap(model, dataclasses.replace(d, mode=wrap), "fp32") if wrap in ("ddp", "fsdp") else model
+    ranks = (d.rank, d.world_size) if mode == "ddp" else (0, 1)
+    opt = build_optimizer(model, TrainConfig(lr=1e-3, optimizer=optimizer), torch.device("cpu"), ranks=ranks)
+    step = TrainStep(wrapped, opt, torch.device("cpu"), "fp32")
     return lambda batch: step(lambda: batch, 1, 1e-3)
 
 
@@ -102,9 +111,9 @@ def worker(args) -> None:
         for name in args.shapes.split(","):
             shape = SHAPES[name]
             data = batches(shape, BATCH // d.world_size, seed=d.rank)
-            steps = {mode: make_step(shape, d, mode) for mode in MODES}
+            steps = {mode: make_step(shape, d, mode, args.optimizer) for mode in MODES[args.optimizer]}
             counts = {mode: warm_up(step, data, args, lambda s: distributed.agree(s)[0]) for mode, step in steps.items()}
-            best = {mode: math.inf for mode in MODES}
+            best = {mode: math.inf for mode in steps}
             for _ in range(args.rounds):  # rows interleaved: a busy spell on the machine hits them all alike
                 for mode, step in steps.items():
                     # The slowest process sets the pace: take the largest time over the ranks.
@@ -125,6 +134,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--row-seconds", type=float, default=20,
                         help="timed seconds per row and shape, over all rounds: slow rows time fewer steps (default 20)")
+    parser.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw", help="the step's optimizer (default adamw)")
     parser.add_argument("--out", help=argparse.SUPPRESS)  # the workers' results file
     args = parser.parse_args()
     if distributed.launched_by_torchrun():
@@ -135,7 +145,7 @@ def main() -> None:
         out = os.path.join(tmp, "times.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                f"--shapes={args.shapes}", f"--steps={args.steps}", f"--rounds={args.rounds}", f"--warmup={args.warmup}",
-               f"--row-seconds={args.row_seconds}", f"--out={out}"]
+               f"--row-seconds={args.row_seconds}", f"--optimizer={args.optimizer}", f"--out={out}"]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         with open(out) as f:
             spread = json.load(f)
@@ -144,12 +154,12 @@ def main() -> None:
     single = {}
     for name in args.shapes.split(","):
         shape = SHAPES[name]
-        step, data = make_step(shape, None, None), batches(shape, BATCH, seed=0)
+        step, data = make_step(shape, None, None, args.optimizer), batches(shape, BATCH, seed=0)
         count = warm_up(step, data, args)
         single[name] = min(time_steps(step, data, count) for _ in range(args.rounds))
 
-    print(f"torch {torch.__version__}, CPU, gloo; global batch {BATCH} rows; best of {args.rounds} rounds of up to "
-          f"{args.steps} steps after {args.warmup} warm-up step(s)")
+    print(f"torch {torch.__version__}, CPU {torch.backends.cpu.get_cpu_capability()}, gloo, {args.optimizer}; global batch "
+          f"{BATCH} rows; best of {args.rounds} rounds of up to {args.steps} steps after {args.warmup} warm-up step(s)")
     header = f"{'shape':6} {'row':26} {'tokens/s':>10} {'ms/step':>9} {'vs 1 proc':>9} {'comm share':>10}"
     print(header)
     print("-" * len(header))
@@ -159,18 +169,23 @@ def main() -> None:
         t = {"single": single[name], **spread[name]}
         r = results[name] = {key: tokens / seconds for key, seconds in t.items()}
         rows = [("single", "1 proc x 2 threads", None), ("ddp", "2 procs x 1 thread, ddp", "ddp"),
-                ("fsdp", "2 procs x 1 thread, fsdp", "fsdp"), ("nocomm", "2 procs x 1 thread, no comm", None)]
-        for key, label, comm in rows:
-            share = f"{1 - t['nocomm'] / t[comm]:.0%}" if comm else ""
+                ("fsdp", "2 procs x 1 thread, fsdp", "fsdp"), ("ddp_whole", "2 procs, ddp, Muon whole", "ddp_whole"),
+                ("nocomm", "2 procs x 1 thread, no comm", None)]
+        for key, label, comm in (row for row in rows if row[0] in t):
+            # the no-comm row does all of Muon's work: against it, the shared row's would not be communication alone
+            share = f"{1 - t['nocomm'] / t[comm]:.0%}" if comm and not (comm == "ddp" and "ddp_whole" in t) else ""
             print(f"{name:6} {label:26} {r[key]:10,.0f} {1000 * t[key]:9.1f} {r[key] / r['single']:8.2f}x {share:>10}")
-        r["ddp_comm_share"] = 1 - t["nocomm"] / t["ddp"]
-        r["fsdp_comm_share"] = 1 - t["nocomm"] / t["fsdp"]
+        for comm in ("ddp", "fsdp", "ddp_whole"):
+            if comm in t:
+                r[f"{comm}_comm_share"] = 1 - t["nocomm"] / t[comm]
 
     name = "16m" if "16m" in results else next(iter(results))
     r = results[name]
-    print(f"RESULT shape={name} single_tok_s={r['single']:.0f} ddp_tok_s={r['ddp']:.0f} fsdp_tok_s={r['fsdp']:.0f} "
-          f"ddp_vs_single={r['ddp'] / r['single']:.2f} fsdp_vs_single={r['fsdp'] / r['single']:.2f} "
-          f"ddp_comm_share={r['ddp_comm_share']:.2f} fsdp_comm_share={r['fsdp_comm_share']:.2f}")
+    last = (f"fsdp_tok_s={r['fsdp']:.0f} ddp_vs_single={r['ddp'] / r['single']:.2f} fsdp_vs_single={r['fsdp'] / r['single']:.2f} "
+            f"ddp_comm_share={r['ddp_comm_share']:.2f} fsdp_comm_share={r['fsdp_comm_share']:.2f}" if "fsdp" in r else
+            f"ddp_whole_tok_s={r['ddp_whole']:.0f} ddp_vs_single={r['ddp'] / r['single']:.2f} "
+            f"shared_vs_whole={r['ddp'] / r['ddp_whole']:.2f} ddp_whole_comm_share={r['ddp_whole_comm_share']:.2f}")
+    print(f"RESULT shape={name} optimizer={args.optimizer} single_tok_s={r['single']:.0f} ddp_tok_s={r['ddp']:.0f} {last}")
 
 
 if __name__ == "__main__":

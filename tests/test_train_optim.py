@@ -90,6 +90,58 @@ def test_muon_split_update_equals_orthogonalising_each_block_alone():
     assert (stacked - whole).abs().max() > 1e-3  # splitting changes the update
 
 
+MUON = dict(lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", ns_dtype=torch.float32)
+
+
+def _muon_on_a_rank(rank: int, world: int, store: str, start: list, grads: list, out: str):
+    """One process of a DDP-like world: Muon over copies of `start`, the same gradients as every rank."""
+    import torch.distributed as dist
+
+    import gptlab.train.optim as optim
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        calls = []
+        orthogonalize = optim._orthogonalize
+        optim._orthogonalize = lambda g, *a: calls.append(tuple(g.shape)) or orthogonalize(g, *a)
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = Muon(params, ranks=(rank, world), **MUON)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        torch.save({"weights": [p.detach() for p in params], "calls": calls,
+                    "buffers": [opt.state[p]["momentum_buffer"] for p in params]}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_muon_under_ddp_shares_the_orthogonalising_between_ranks_and_steps_as_one_process(tmp_path):
+    torch.manual_seed(0)
+    start = [torch.randn(16, 8), torch.randn(8, 16), torch.randn(12, 12), torch.randn(6, 4), torch.randn(3, 5, 4)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    params = [torch.nn.Parameter(p.clone()) for p in start]
+    alone = Muon(params, **MUON)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        alone.step()
+
+    torch.multiprocessing.spawn(_muon_on_a_rank, args=(2, str(tmp_path / "store"), start, grads, str(tmp_path / "out")),
+                                nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in range(2)]
+    for got in ranks:  # every rank ends with every weight and every momentum buffer, bit for bit one process's
+        for p, w in zip(params, got["weights"]):
+            assert torch.equal(w, p.detach())
+        for p, b in zip(params, got["buffers"]):
+            assert torch.equal(b, alone.state[p]["momentum_buffer"])
+    # each rank orthogonalised only its share of the 7 matrices a step (4, and a stack of 3), the largest on rank 0
+    per_step = [len(got["calls"]) // 3 for got in ranks]
+    assert sum(per_step) == 7 and min(per_step) >= 1, per_step
+    assert (12, 12) in ranks[0]["calls"] and (12, 12) not in ranks[1]["calls"]
+
+
 def test_the_model_names_its_stacked_matrices_for_muon():
     cfg = ModelConfig(vocab_size=50, n_layer=2, d_model=16, n_head=4, n_kv_head=2, context_length=8, mlp="swiglu", d_ff=24)
     model = GPT(cfg)

@@ -6,11 +6,12 @@ import inspect
 import math
 
 import torch
+import torch.distributed as dist
 
 from gptlab.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, ranks: tuple[int, int] = (0, 1)):
     """AdamW, or Muon for the blocks' matrices with AdamW for the rest (cfg.optimizer).
 
     Weight decay goes on matrices and embeddings (dim >= 2), none on norms'
@@ -18,6 +19,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     matrix (Newton-Schulz); embeddings, the output head, gains and biases are
     not hidden matrices and stay with AdamW (modded-nanogpt). Muon's updates are
     scaled to AdamW's RMS, so train.lr and train.weight_decay mean the same for both.
+    ranks: (this process's rank, the number of processes) of a DDP run, whose processes share Muon's work.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # a MoE's experts are [experts, out, in] stacks of matrices: Muon orthogonalises each expert's update on its
@@ -44,7 +46,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     blocks = model.fused_matrices() if cfg.muon_split else {}
     return Optimizers(adamw, Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                                   adjust_lr_fn="match_rms_adamw", ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
-                                  blocks=blocks))
+                                  blocks=blocks, ranks=ranks))
 
 
 class Muon(torch.optim.Muon):
@@ -57,9 +59,15 @@ class Muon(torch.optim.Muon):
     as modded-nanogpt does, instead of the stack as one matrix. Same state ("momentum_buffer") and, without
     blocks, the same update as PyTorch's with adjust_lr_fn="match_rms_adamw"; the Nesterov step is taken in
     the gradient's memory (it is spent after the step) and the momentum buffer is made once.
+
+    `ranks` (rank, world size) of a DDP run, whose processes hold the same averaged gradients: each one runs
+    the Newton-Schulz iterations for its share of the matrices only (the most expensive first, each to the
+    least loaded process) and one all-reduce of the updates gives every process all of them (modded-nanogpt).
+    Every process still keeps every momentum buffer (cheap, and rank 0 checkpoints them).
     """
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, blocks: dict | None = None, **kwargs):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, blocks: dict | None = None,
+                 ranks: tuple[int, int] = (0, 1), **kwargs):
         params = list(params)
         # PyTorch's Muon refuses anything but 2-D weights; stacks of experts (3-D) join the group after its check
         # (a MoE part always brings a 2-D router, so the group is never empty)
@@ -67,9 +75,17 @@ class Muon(torch.optim.Muon):
         self.param_groups[0]["params"] += [p for p in params if p.dim() == 3]
         self.ns_dtype = ns_dtype
         self.blocks = blocks or {}
+        self.rank, self.world_size = ranks
+        self.owner = _share_out(params, self.world_size)
+        if self.world_size > 1:  # every matrix's update, flat, whichever rank computes it: one all-reduce joins them
+            self.updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+            self.update_of = {p: u.view_as(p) for p, u in zip(params, self.updates.split([p.numel() for p in params]))}
 
     @torch.no_grad()
     def step(self, closure=None):
+        shared = self.world_size > 1
+        if shared:
+            self.updates.zero_()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -81,14 +97,48 @@ class Muon(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                rows = self.blocks.get(p, (p.size(-2),))
-                # a stack of experts [E, out, in]: each expert's matrix on its own
-                matrices = zip(p.unbind(0), update.unbind(0)) if p.dim() == 3 else [(p, update)]
-                for matrix, matrix_update in matrices:
-                    for block, block_update in zip(matrix.split(rows), matrix_update.split(rows)):
-                        orthogonal = _orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"],
-                                                    group["eps"], self.ns_dtype)
-                        block.add_(orthogonal.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(block.shape)))
+                if shared and self.owner[p] != self.rank:
+                    continue
+                for target, block_update in self._matrices(p, self.update_of[p] if shared else p, update):
+                    orthogonal = _orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                                self.ns_dtype).to(p.dtype)
+                    if shared:
+                        target.copy_(orthogonal)  # applied below, once every rank's share is in
+                    else:
+                        target.add_(orthogonal, alpha=_muon_scale(group, target))
+        if shared:
+            dist.all_reduce(self.updates)  # each block is its owner's plus zeros: exact
+            # the same add as one process's, so the weights are bit for bit those of a single process
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        for block, orthogonal in self._matrices(p, p, self.update_of[p]):
+                            block.add_(orthogonal, alpha=_muon_scale(group, block))
+
+    def _matrices(self, p, *tensors):
+        """The blocks of `tensors` (shaped as p) that are orthogonalised one by one: a stack of experts
+        [E, out, in] expert by expert, a fused weight (Q, K, V; gate and up) by its blocks' rows."""
+        rows = self.blocks.get(p, (p.size(-2),))
+        matrices = zip(*(t.unbind(0) for t in tensors)) if p.dim() == 3 else [tensors]
+        for matrix in matrices:
+            yield from zip(*(m.split(rows) for m in matrix))
+
+
+def _muon_scale(group: dict, block: torch.Tensor) -> float:
+    """-lr x Muon's update scale matched to AdamW's RMS (0.2 sqrt(max(rows, columns)), as torch.optim.Muon)."""
+    return -group["lr"] * 0.2 * math.sqrt(max(block.shape))
+
+
+def _share_out(params: list[torch.Tensor], world_size: int) -> dict:
+    """Which rank orthogonalises each matrix: the costliest first, each to the least loaded rank so far (the
+    same answer on every rank: it depends on the shapes alone). Cost: a Newton-Schulz step of an m x n matrix
+    (m <= n) is ~m^2 n multiply-adds."""
+    load, owner = [0] * world_size, {}
+    for p in sorted(params, key=lambda p: -p.numel() * min(p.shape[-2:])):
+        rank = load.index(min(load))
+        owner[p] = rank
+        load[rank] += p.numel() * min(p.shape[-2:])
+    return owner
 
 
 def _orthogonalize(g: torch.Tensor, coefficients, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:

@@ -166,7 +166,7 @@ class Trainer:
         weight_names = list(runs.unique_tensors(self.model))  # what model.safetensors keeps (before FSDP shards it)
         # self.model is the GPT (sharded in place under FSDP); self.wrapped is what the training step runs.
         self.wrapped = dist.wrap(self.model, self.precision)
-        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.optimizer = build_optimizer(self.model, t, self.device, ranks=(dist.rank, dist.world_size))
         # Each rank draws its slice of every global batch of t.batch_size rows (with stored teacher logits: and
         # the teacher's top k at its positions).
         self.loader = training_loader(self.data_dir, split="train", batch_size=t.batch_size // dist.world_size,
