@@ -62,8 +62,9 @@ class Muon(torch.optim.Muon):
 
     `ranks` (rank, world size) of a DDP run, whose processes hold the same averaged gradients: each one runs
     the Newton-Schulz iterations for its share of the matrices only (the most expensive first, each to the
-    least loaded process) and one all-reduce of the updates gives every process all of them (modded-nanogpt).
-    Every process still keeps every momentum buffer (cheap, and rank 0 checkpoints them).
+    least loaded process); one all-reduce of the orthogonalised blocks gives every process all of them, which
+    each adds as a single process would, so the weights stay bit for bit a single process's (modded-nanogpt
+    shares the work the same way). Every process still keeps every momentum buffer (rank 0 checkpoints them).
     """
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, blocks: dict | None = None,
@@ -95,10 +96,10 @@ class Muon(torch.optim.Muon):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 if shared and self.owner[p] != self.rank:
-                    continue
+                    continue  # another rank orthogonalises this one's update
+                update = p.grad.lerp_(buf, group["momentum"]) if group["nesterov"] else buf
                 for target, block_update in self._matrices(p, self.update_of[p] if shared else p, update):
                     orthogonal = _orthogonalize(block_update, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                                 self.ns_dtype).to(p.dtype)
